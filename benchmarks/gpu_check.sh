@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: environment facts, the GPU test suite, first timings. Logs land in $OUT.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
+python3 -c "import jax, flax, optax, chex; print(jax.__version__, flax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/env.txt"
+for step in "$@"; do
+  echo "=== $step"
+  case "$step" in
+    tests) timeout 300 python3 -m pytest -q -x tests/test_attention.py tests/test_masking.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    vtests) timeout 240 python3 -m pytest -v -p no:cacheprovider tests/test_attention.py 2>&1 | while IFS= read -r l; do echo "$(date +%T) $l"; done | tee "$OUT/vtests.txt" | grep -E "PASS|FAIL|ERROR|passed|failed" ;;
+    decode) timeout 150 python3 -m pytest -q -m gpu tests/test_decode.py 2>&1 | tail -15 | tee "$OUT/decode_tests.txt"
+            timeout 240 python3 -m benchmarks.decode --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode_log.txt" | tail -40 ;;
+    gputests) timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -25 | tee "$OUT/gputests.txt" ;;
+    base) timeout 240 python3 -m benchmarks.tune --shape 4,4096,16,128 --baselines --out "$OUT/base.json" ;;
+    long) timeout 200 python3 -m benchmarks.tune --shape 1,16384,16,128 --baselines --out "$OUT/long.json" ;;
+    sweep_nc) timeout 420 python3 -m benchmarks.tune --shape 4,4096,16,128 --causal no --sweep --out "$OUT/sweep_nc.json" ;;
+    sweep_c) timeout 420 python3 -m benchmarks.tune --shape 4,4096,16,128 --causal yes --sweep --out "$OUT/sweep_c.json" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done

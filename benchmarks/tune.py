@@ -1,0 +1,134 @@
+"""Block-size tuning for the Pallas kernel: times candidate `FlashConfig`s on your GPU.
+
+    python -m benchmarks.tune --shape 4,4096,16,128 --causal both --out tune.json
+
+Each candidate is timed for the forward and for forward+backward (median of rounds of back-to-back
+calls, as in `benchmarks.attention`); the fastest is printed as a ready `FlashConfig(...)` to pass
+as ``dot_product_attention(..., config=...)``, and all results go to the JSON file. Candidates that
+fail to compile (too much shared memory, say) are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import pallas_flash
+from pallas_flash import FlashConfig, default_config
+
+
+def time_call(fn, *args, rounds: int = 5, calls: int = 10) -> float:
+    """Median seconds per call over `rounds` of `calls` back-to-back dispatches (dispatch overlaps
+    the device work, so launch overhead does not count)."""
+    jax.block_until_ready(fn(*args))
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call)
+
+
+def attention_flops(B, T, S, N, H, causal, passes) -> float:
+    flops = 4.0 * B * N * T * S * H * (0.5 if causal else 1.0)
+    return flops * (3.5 if passes == "fwdbwd" else 1.0)
+
+
+def make_fns(attn):
+    fwd = jax.jit(attn)
+
+    def loss(q, k, v, d_out):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
+
+    return fwd, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def candidates(head_dim: int, base: FlashConfig):
+    """A small grid around the heuristic default: forward and backward knobs vary separately."""
+    fwd = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+           for bq, bk, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+           if not (head_dim > 128 and bk > 64)]
+    bwd = [dict(block_q_dkv=a, block_k_dkv=b, block_q_dq=c, block_k_dq=d, num_warps_bwd=w, num_stages_bwd=s)
+           for (a, b, c, d), w, s in itertools.product(
+               ((32, 64, 64, 32), (64, 128, 128, 64), (32, 128, 128, 32), (64, 64, 64, 64)), (4, 8), (1, 2))]
+    return [base.replace(**c) for c in fwd], [base.replace(**c) for c in bwd]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="4,4096,16,128", help="B,S,N,H (T = S, K = N)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--causal", choices=("yes", "no", "both"), default="both")
+    parser.add_argument("--passes", default="fwd,fwdbwd")
+    parser.add_argument("--baselines", action="store_true", help="also time jax.nn xla and cudnn")
+    parser.add_argument("--sweep", action="store_true", help="time the candidate grid, not only the default")
+    parser.add_argument("--out", default=None, help="JSON file for all results")
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        print("No GPU present: tuning needs a GPU.")
+        return 0
+
+    B, S, N, H = map(int, args.shape.split(","))
+    dtype = jnp.dtype(args.dtype)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, d_out = (jax.random.normal(key, (B, S, N, H), jnp.float32).astype(dtype) for key in keys)
+    causal_values = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
+    passes = args.passes.split(",")
+    base = default_config(q_len=S, kv_len=S, head_dim=H, dtype_bytes=dtype.itemsize)
+    results = []
+
+    def record(label, causal, pass_name, fn, *fn_args, config=None):
+        try:
+            seconds = time_call(fn, *fn_args)
+            tflops = attention_flops(B, S, S, N, H, causal, pass_name) / seconds / 1e12
+            status = "ok"
+        except Exception as err:  # noqa: BLE001 - a failing candidate is a result, not a crash
+            seconds, tflops, status = None, None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        row = dict(impl=label, causal=causal, passes=pass_name, ms=None if seconds is None else seconds * 1e3,
+                   tflops=tflops, status=status, config=None if config is None else dataclasses.asdict(config))
+        results.append(row)
+        shown = f"{row['ms']:.3f} ms {tflops:6.1f} TFLOP/s" if seconds else status
+        print(f"{label:>14} causal={causal!s:5} {pass_name:6} {shown}", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=[B, S, N, H],
+                               dtype=str(dtype), results=results), f, indent=1)
+        return seconds
+
+    for causal in causal_values:
+        if args.baselines:
+            for impl in ("xla", "cudnn"):
+                fwd, grad = make_fns(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=causal, implementation=impl))
+                for pass_name, fn in (("fwd", fwd), ("fwdbwd", grad)):
+                    if pass_name in passes:
+                        record(impl, causal, pass_name, fn, q, k, v, *((d_out,) if fn is grad else ()))
+        configs_fwd, configs_bwd = candidates(H, base) if args.sweep else ([base], [base])
+        best = {}
+        for pass_name, configs in (("fwd", configs_fwd), ("fwdbwd", configs_bwd)):
+            if pass_name not in passes:
+                continue
+            for config in configs:
+                fwd, grad = make_fns(lambda q, k, v, config=config: pallas_flash.dot_product_attention(
+                    q, k, v, is_causal=causal, implementation="triton", config=config))
+                fn, fn_args = (fwd, (q, k, v)) if pass_name == "fwd" else (grad, (q, k, v, d_out))
+                seconds = record("pallas_flash", causal, pass_name, fn, *fn_args, config=config)
+                if seconds and seconds < best.get(pass_name, (float("inf"),))[0]:
+                    best[pass_name] = (seconds, config)
+        for pass_name, (seconds, config) in best.items():
+            print(f"best {pass_name} causal={causal}: {seconds * 1e3:.3f} ms  {config}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

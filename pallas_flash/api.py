@@ -1,0 +1,189 @@
+"""`dot_product_attention`: the public entry point, a drop-in for `jax.nn.dot_product_attention`.
+
+All validation happens here, once; the implementations below it trust their inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from pallas_flash import reference
+from pallas_flash.config import FlashConfig, FlashStatics, default_config
+from pallas_flash.flash import flash_attention
+from pallas_flash.masking import MaskSpec
+
+Implementation = Literal["triton", "xla"]
+IMPLEMENTATIONS = (None, "triton", "xla")
+_KERNEL_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+MAX_HEAD_DIM = 256
+
+
+def _as_4d(x, name: str):
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(f"{name} must have at most 4 dimensions, got {name}.shape={x.shape}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _check_broadcastable(x, target, name: str):
+    if x.ndim != 4 or any(d not in (1, t) for d, t in zip(x.shape, target)):
+        raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {tuple(target)}")
+
+
+def _window(local_window_size):
+    if local_window_size is None:
+        return None
+    if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
+        local_window_size = (local_window_size, local_window_size)
+    if (not isinstance(local_window_size, (tuple, list)) or len(local_window_size) != 2
+            or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in local_window_size)
+            or any(w < 0 for w in local_window_size)):
+        raise ValueError("local_window_size must be a non-negative int or a (left, right) pair of "
+                         f"non-negative ints, got {local_window_size!r}")
+    return (int(local_window_size[0]), int(local_window_size[1]))
+
+
+def _lengths(lengths, batch: int, name: str):
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape (B,) = ({batch},), "
+                         f"got {name}.shape={lengths.shape} dtype={lengths.dtype}")
+    return lengths.astype(jnp.int32)
+
+
+def _kernel_unsupported(query, bias, mask, scale) -> str | None:
+    """Why the Pallas kernel cannot take this call yet (None: it can)."""
+    if bias is not None or mask is not None:
+        return "bias and mask arrays are not supported by the Pallas kernel yet"
+    if query.dtype not in _KERNEL_DTYPES:
+        return f"the Pallas kernel supports float16, bfloat16 and float32, got {query.dtype}"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"the Pallas kernel supports head dims up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
+    if not isinstance(scale, (int, float, np.floating, np.integer)):
+        return "the Pallas kernel needs a static (Python number) scale"
+    return None
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def dot_product_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: Implementation | None = None,
+    return_residual: bool = False,
+    config: FlashConfig | None = None,
+):
+    r"""Scaled dot-product attention, ``softmax(Q K^T * scale + bias) V``, fused (FlashAttention-2).
+
+    Arguments, shapes, defaults and semantics follow `jax.nn.dot_product_attention` (jax 0.11.2):
+    ``query`` is ``[B, T, N, H]`` (or ``[T, N, H]``), ``key``/``value`` are ``[B, S, K, H]`` with
+    ``N % K == 0`` (K == N: multi-head, 1 < K < N: grouped-query, K == 1: multi-query attention).
+
+    Args:
+      query, key, value: floating arrays of one dtype.
+      bias, mask: additive bias / boolean mask broadcastable to ``[B, N, T, S]`` (``xla`` only for now).
+      scale: logit scale; ``1/sqrt(H)`` when None.
+      is_causal: query ``i`` sees keys ``j <= i``, aligned at the top left as in jax.nn, also when
+        ``T != S``. With T=3, S=5::
+
+                   j: 0 1 2 3 4
+            i = 0     x . . . .
+            i = 1     x x . . .
+            i = 2     x x x . .
+
+      query_seq_lengths, key_value_seq_lengths: ``(B,)`` integer valid lengths; rows past the query
+        length return zeros, keys past the key length are masked.
+      local_window_size: ``w`` or ``(left, right)``: query ``i`` sees keys ``i-left <= j <= i+right``.
+      implementation: ``"triton"`` (the Pallas kernel; interpret mode, slow, when no GPU is present),
+        ``"xla"`` (the pure-jnp float32 reference, O(T*S) memory) or None: the kernel on a GPU when it
+        supports the call, else ``"xla"``.
+      return_residual: also return the natural-log log-sum-exp of the scaled logits, ``[B, T, N]``
+        (``[T, N]`` for 3-D input) in the input dtype, not differentiated (as in jax.nn).
+      config: block sizes, warps and stages of the kernel (`FlashConfig`); a per-shape heuristic
+        when None.
+
+    Returns:
+      ``[B, T, N, H]`` in the query dtype, and the log-sum-exp when ``return_residual``.
+
+    Differences from jax.nn, on purpose: a query row that sees no key at all (every logit masked)
+    returns zeros and a log-sum-exp of -inf, with zero gradients; jax.nn returns the mean of V there.
+
+    Raises:
+      ValueError: inputs of the wrong rank, shape or dtype, a bad window or implementation name.
+      NotImplementedError: ``implementation="triton"`` with an input the kernel cannot take yet.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    output_shape = jnp.shape(query)
+    q, k, v = _as_4d(query, "query"), _as_4d(key, "key"), _as_4d(value, "value")
+    if not (jnp.ndim(query) == jnp.ndim(key) == jnp.ndim(value)) or jnp.ndim(query) < 3:
+        raise ValueError("query, key and value must all be [B, T|S, N|K, H] (or all 3-D), got "
+                         f"query.shape={jnp.shape(query)} key.shape={jnp.shape(key)} "
+                         f"value.shape={jnp.shape(value)}")
+    B, T, N, H = q.shape
+    _, S, K, _ = k.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H:
+        raise ValueError("key and value must be [B, S, K, H] with the query's batch size and head dim, "
+                         f"got query.shape={q.shape} key.shape={k.shape} value.shape={v.shape}")
+    if N % K != 0:
+        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K}): "
+                         f"query.shape={q.shape} key.shape={k.shape}")
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating dtype, got {name}.dtype={x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"query, key and value must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if bias is not None:
+        bias = _as_4d(bias, "bias")
+        _check_broadcastable(bias, (B, N, T, S), "bias")
+    if mask is not None:
+        mask = _as_4d(mask, "mask")
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be boolean (True = attend), got mask.dtype={mask.dtype}; "
+                             "pass an additive mask as bias")
+        _check_broadcastable(mask, (B, N, T, S), "mask")
+    q_lengths = _lengths(query_seq_lengths, B, "query_seq_lengths")
+    kv_lengths = _lengths(key_value_seq_lengths, B, "key_value_seq_lengths")
+    window = _window(local_window_size)
+    scale = 1.0 / math.sqrt(H) if scale is None else scale
+
+    use_kernel = implementation == "triton"
+    if implementation is None and _on_gpu():
+        use_kernel = _kernel_unsupported(q, bias, mask, scale) is None
+    if use_kernel:
+        reason = _kernel_unsupported(q, bias, mask, scale)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        spec = MaskSpec(q_len=T, kv_len=S, is_causal=bool(is_causal), window=window,
+                        has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None)
+        tuning = config or default_config(q_len=T, kv_len=S, head_dim=H, dtype_bytes=q.dtype.itemsize)
+        statics = FlashStatics(mask=spec, scale=float(scale), head_dim=H, tuning=tuning,
+                               interpret=not _on_gpu())
+        out, lse2 = flash_attention(statics, q, k, v, q_lengths, kv_lengths)
+        lse = jnp.transpose(lse2, (0, 2, 1)) * math.log(2.0)  # base 2 -> natural, [B, T, N]
+    else:
+        out, lse = reference.attention(q, k, v, bias, mask, scale=scale, is_causal=bool(is_causal),
+                                       window=window, q_lengths=q_lengths, kv_lengths=kv_lengths)
+    out = out.reshape(output_shape)
+    if not return_residual:
+        return out
+    return out, jax.lax.stop_gradient(lse.astype(q.dtype).reshape(output_shape[:-1]))

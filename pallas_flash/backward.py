@@ -1,0 +1,201 @@
+"""FlashAttention backward kernels (Pallas, Triton backend).
+
+FlashAttention-2 (Dao 2023), Algorithm 2, split in three launches so that no program ever writes
+where another one does (no atomics, so gradients are bitwise deterministic):
+
+1. ``delta = rowsum(dO * O)`` per query row, the softmax-Jacobian term of section 3.2;
+2. dK/dV: each program keeps one ``block_k_dkv`` slab of K/V resident and streams Q, dO, the
+   log-sum-exp and delta of *every query head of its K/V head* past it, so grouped-query heads are
+   summed inside one program instead of by atomics or a repeat-then-sum;
+3. dQ: each program keeps one ``block_q_dq`` tile of Q/dO and streams K/V, like the forward.
+
+The probabilities are recomputed from the forward's base-2 log-sum-exp: ``P = exp2(S*c - lse2)``.
+Rows that saw no key carry ``lse2 = -inf``; it is read back as ``+inf`` so that their P is exactly
+zero and they contribute nothing, with no special case in the loops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_flash import masking
+from pallas_flash.config import FlashStatics
+from pallas_flash.forward import LOG2_E, _length_spec, dot_precision, sequence_bounds
+from pallas_flash.tiles import load_tile, store_tile
+
+
+def _load_lse(view, *, first_row, valid_rows):
+    lse = load_tile(view, first_row=first_row, valid_rows=valid_rows, other=jnp.inf)
+    return jnp.where(lse == -jnp.inf, jnp.inf, lse)
+
+
+def _delta_kernel(o_ref, do_ref, delta_ref, *, block_q: int, q_len: int, head_dim: int):
+    q_start = pl.program_id(0) * block_q
+    tail = q_len if q_len % block_q else None
+    o = load_tile(o_ref, first_row=q_start, valid_rows=tail, valid_cols=head_dim).astype(jnp.float32)
+    do = load_tile(do_ref, first_row=q_start, valid_rows=tail, valid_cols=head_dim).astype(jnp.float32)
+    store_tile(delta_ref, jnp.sum(o * do, axis=1), first_row=q_start, valid_rows=tail)
+
+
+def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref,
+                 dk_ref, dv_ref, *, statics: FlashStatics):
+    spec, tuning = statics.mask, statics.tuning
+    block_q, block_k = tuning.block_q_dkv, tuning.block_k_dkv
+    head_dim, groups = statics.head_dim, q_ref.shape[1]
+    precision = dot_precision(q_ref.dtype)
+    scale_log2 = statics.scale * LOG2_E
+
+    k_start = pl.program_id(0) * block_k
+    q_end, kv_end = sequence_bounds(statics, q_lengths_ref, kv_lengths_ref)
+    q_tail = spec.q_len if spec.q_len % block_q else None
+    kv_tail = spec.kv_len if spec.kv_len % block_k else None
+    k = load_tile(k_ref, first_row=k_start, valid_rows=kv_tail, valid_cols=head_dim)
+    v = load_tile(v_ref, first_row=k_start, valid_rows=kv_tail, valid_cols=head_dim)
+    k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[:, None]
+    block_range = masking.q_block_range(spec, k_start, q_end, kv_end, block_q, block_k)
+
+    def head(g, carry):
+        def body(qb, carry, *, masked):
+            dk, dv = carry
+            q_start = qb * block_q
+            rows = pl.ds(pl.multiple_of(q_start, block_q), block_q)
+            tile = dict(first_row=q_start, valid_rows=q_tail)
+            q = load_tile(q_ref.at[rows, g, :], valid_cols=head_dim, **tile)
+            do = load_tile(do_ref.at[rows, g, :], valid_cols=head_dim, **tile)
+            lse = _load_lse(lse_ref.at[g, rows], **tile)
+            delta = load_tile(delta_ref.at[g, rows], **tile)
+            s_t = plgpu.dot(k, q, trans_b=True, precision=precision) * scale_log2  # [bk, bq]
+            if masked:
+                q_pos = (q_start + jnp.arange(block_q, dtype=jnp.int32))[None, :]
+                visible = masking.tile_mask(spec, q_pos, k_pos, kv_end,
+                                            check_kv_end=spec.needs_kv_bound(block_k))
+                if visible is not None:
+                    s_t = jnp.where(visible, s_t, masking.MASK_VALUE)
+            p_t = jnp.exp2(s_t - lse[None, :])
+            dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=precision)
+            dp_t = plgpu.dot(v, do, trans_b=True, precision=precision)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
+            return dk, dv
+
+        return masking.run_blocks(body, carry, block_range)
+
+    padded = statics.head_dim_padded
+    zeros = jnp.zeros((block_k, padded), jnp.float32)
+    dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
+    store = dict(first_row=k_start, valid_rows=kv_tail, valid_cols=head_dim)
+    store_tile(dk_ref, (dk * statics.scale).astype(dk_ref.dtype), **store)
+    store_tile(dv_ref, dv.astype(dv_ref.dtype), **store)
+
+
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref,
+               dq_ref, *, statics: FlashStatics):
+    spec, tuning = statics.mask, statics.tuning
+    block_q, block_k = tuning.block_q_dq, tuning.block_k_dq
+    head_dim = statics.head_dim
+    precision = dot_precision(q_ref.dtype)
+    scale_log2 = statics.scale * LOG2_E
+
+    q_start = pl.program_id(0) * block_q
+    q_end, kv_end = sequence_bounds(statics, q_lengths_ref, kv_lengths_ref)
+    q_tail = spec.q_len if spec.q_len % block_q else None
+    kv_tail = spec.kv_len if spec.kv_len % block_k else None
+    tile = dict(first_row=q_start, valid_rows=q_tail)
+    q = load_tile(q_ref, valid_cols=head_dim, **tile)
+    do = load_tile(do_ref, valid_cols=head_dim, **tile)
+    lse = _load_lse(lse_ref, **tile)
+    delta = load_tile(delta_ref, **tile)
+    q_pos = (q_start + jnp.arange(block_q, dtype=jnp.int32))[:, None]
+
+    def body(kb, dq, *, masked):
+        k_start = kb * block_k
+        rows = pl.ds(pl.multiple_of(k_start, block_k), block_k)
+        tail = kv_tail if masked else None
+        k = load_tile(k_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
+        v = load_tile(v_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [bq, bk]
+        if masked:
+            k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
+            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end,
+                                        check_kv_end=spec.needs_kv_bound(block_k))
+            if visible is not None:
+                s = jnp.where(visible, s, masking.MASK_VALUE)
+        p = jnp.exp2(s - lse[:, None])
+        dp = plgpu.dot(do, v, trans_b=True, precision=precision)
+        ds = p * (dp - delta[:, None])
+        return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
+
+    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k)
+    dq = masking.run_blocks(body, jnp.zeros((block_q, statics.head_dim_padded), jnp.float32), block_range)
+    store_tile(dq_ref, (dq * statics.scale).astype(dq_ref.dtype), valid_cols=head_dim, **tile)
+
+
+def flash_backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, *, statics: FlashStatics):
+    """Returns ``(dq, dk, dv)`` for the forward's ``(out, lse2)`` and the output cotangent."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    groups = N // K
+    tuning = statics.tuning
+    padded = statics.head_dim_padded
+    interpret = statics.interpret
+    d_out = d_out.astype(q.dtype)
+
+    block_q = tuning.block_q_dq
+    num_q_blocks = pl.cdiv(T, block_q)
+    tile_spec = pl.BlockSpec((None, block_q, None, padded), lambda i, b, n: (b, i, n, 0))
+    row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i))
+    delta = pl.pallas_call(
+        functools.partial(_delta_kernel, block_q=block_q, q_len=T, head_dim=H),
+        grid=(num_q_blocks, B, N),
+        in_specs=[tile_spec, tile_spec],
+        out_specs=row_spec,
+        out_shape=jax.ShapeDtypeStruct((B, N, T), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="pallas_flash_backward_delta",
+    )(out, d_out)
+
+    # dK/dV: Q-side operands grouped per K/V head, [B, T, K, G, H] and [B, K, G, T] (free reshapes).
+    block_q_dkv, block_k_dkv = tuning.block_q_dkv, tuning.block_k_dkv
+    q_rows = pl.cdiv(T, block_q_dkv) * block_q_dkv
+    grouped_spec = pl.BlockSpec((None, q_rows, None, groups, padded), lambda j, b, h: (b, 0, h, 0, 0))
+    grouped_rows_spec = pl.BlockSpec((None, None, groups, q_rows), lambda j, b, h: (b, h, 0, 0))
+    kv_spec = pl.BlockSpec((None, block_k_dkv, None, padded), lambda j, b, h: (b, j, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, statics=statics),
+        grid=(pl.cdiv(S, block_k_dkv), B, K),
+        in_specs=[grouped_spec, grouped_spec, grouped_rows_spec, grouped_rows_spec, kv_spec, kv_spec,
+                  _length_spec(q_lengths, lambda j, b, h: (b,)),
+                  _length_spec(kv_lengths, lambda j, b, h: (b,))],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps_bwd,
+                                             num_stages=tuning.num_stages_bwd),
+        interpret=interpret,
+        name="pallas_flash_backward_dkdv",
+    )(q.reshape(B, T, K, groups, H), d_out.reshape(B, T, K, groups, H),
+      lse.reshape(B, K, groups, T), delta.reshape(B, K, groups, T), k, v, q_lengths, kv_lengths)
+
+    block_k_dq = tuning.block_k_dq
+    kv_rows = pl.cdiv(S, block_k_dq) * block_k_dq
+    full_kv_spec = pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, statics=statics),
+        grid=(num_q_blocks, B, N),
+        in_specs=[tile_spec, tile_spec, row_spec, row_spec, full_kv_spec, full_kv_spec,
+                  _length_spec(q_lengths, lambda i, b, n: (b,)),
+                  _length_spec(kv_lengths, lambda i, b, n: (b,))],
+        out_specs=tile_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps_bwd,
+                                             num_stages=tuning.num_stages_bwd),
+        interpret=interpret,
+        name="pallas_flash_backward_dq",
+    )(q, d_out, lse, delta, k, v, q_lengths, kv_lengths)
+    return dq, dk, dv

@@ -1,0 +1,125 @@
+"""Tuning knobs of the Pallas (Triton backend) kernels.
+
+Only *how* the work is tiled lives here; *what* is computed (causality, windows, lengths) lives in
+`masking.MaskSpec`, so a tuning change can never change a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+from pallas_flash.masking import MaskSpec
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Block sizes, warps and software-pipelining depth of the forward and backward kernels.
+
+    Every block size must be a power of two >= 16 (Triton tiles and tensor-core `dot`s need it).
+    The backward has two kernels: dK/dV keeps a `block_k_dkv` slab of K/V resident and streams
+    `block_q_dkv` rows of Q/dO past it; dQ keeps `block_q_dq` rows of Q/dO and streams K/V.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    block_q_dkv: int = 64
+    block_k_dkv: int = 128
+    block_q_dq: int = 128
+    block_k_dq: int = 64
+    num_warps_bwd: int = 8
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"FlashConfig.{field.name} must be an int, got {value!r}")
+            if field.name.startswith("block_") and (value < 16 or not _is_power_of_two(value)):
+                raise ValueError(f"FlashConfig.{field.name} must be a power of two >= 16, got {value}")
+            if field.name.startswith("num_warps") and value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"FlashConfig.{field.name} must be one of 1, 2, 4, 8, 16, got {value}")
+            if field.name.startswith("num_stages") and value < 1:
+                raise ValueError(f"FlashConfig.{field.name} must be >= 1, got {value}")
+
+    def replace(self, **changes) -> "FlashConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _clip(block: int, length: int) -> int:
+    """Shrinks a block for short sequences: no tile larger than the padded sequence."""
+    return max(16, min(block, 1 << max(4, (length - 1).bit_length())))
+
+
+@functools.lru_cache(maxsize=None)
+def device_kind() -> str:
+    """The first device's kind, e.g. "NVIDIA H100 80GB HBM3" or "cpu"."""
+    return jax.devices()[0].device_kind
+
+
+def default_config(*, q_len: int, kv_len: int, head_dim: int, dtype_bytes: int,
+                   device: str | None = None) -> FlashConfig:
+    """A heuristic per shape and device; see `benchmarks/` and NOTES.md for the measurements behind it.
+
+    Shared memory, not registers, bounds the tiles at large head dims: a (block, head_dim) bf16 tile
+    costs block * head_dim * 2 bytes per pipeline stage.
+    """
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    wide = dtype_bytes >= 4
+    if padded <= 64:
+        cfg = FlashConfig(block_q=128, block_k=64, num_warps=4, num_stages=3,
+                          block_q_dkv=64, block_k_dkv=128, block_q_dq=128, block_k_dq=64,
+                          num_warps_bwd=4, num_stages_bwd=2)
+    elif padded <= 128:
+        cfg = FlashConfig(block_q=128, block_k=64, num_warps=8, num_stages=3,
+                          block_q_dkv=64, block_k_dkv=128, block_q_dq=128, block_k_dq=64,
+                          num_warps_bwd=8, num_stages_bwd=2)
+    else:
+        cfg = FlashConfig(block_q=64, block_k=32, num_warps=4, num_stages=2,
+                          block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
+                          num_warps_bwd=8, num_stages_bwd=1)
+    if wide:
+        # float32 tiles are twice the bytes: halve the resident dimension to stay inside shared memory.
+        cfg = cfg.replace(block_q=max(16, cfg.block_q // 2), block_q_dq=max(16, cfg.block_q_dq // 2),
+                          block_k_dkv=max(16, cfg.block_k_dkv // 2), num_stages=min(cfg.num_stages, 2))
+    device = device_kind() if device is None else device
+    if not any(tag in device for tag in ("H100", "H200", "H800", "H20", "GH200")):
+        # Only Hopper was measured; pre-Hopper parts have less shared memory per SM, so pipeline
+        # less deeply rather than fail to compile.
+        cfg = cfg.replace(num_stages=min(cfg.num_stages, 2), num_stages_bwd=1)
+    return cfg.replace(
+        block_q=_clip(cfg.block_q, q_len),
+        block_k=_clip(cfg.block_k, kv_len),
+        block_q_dkv=_clip(cfg.block_q_dkv, q_len),
+        block_k_dkv=_clip(cfg.block_k_dkv, kv_len),
+        block_q_dq=_clip(cfg.block_q_dq, q_len),
+        block_k_dq=_clip(cfg.block_k_dq, kv_len),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashStatics:
+    """Everything static about one attention call: the custom_vjp's single non-differentiable argument.
+
+    ``scale`` multiplies the logits (natural units); ``tuning`` only tiles the work; ``mask`` (a
+    `masking.MaskSpec`) decides what is computed.
+    """
+
+    mask: MaskSpec
+    scale: float
+    head_dim: int
+    tuning: FlashConfig
+    interpret: bool = False
+
+    @property
+    def head_dim_padded(self) -> int:
+        """Triton tiles are powers of two and tensor-core dots want >= 16 columns."""
+        return max(16, 1 << (self.head_dim - 1).bit_length())

@@ -1,0 +1,155 @@
+"""FlashAttention forward kernel (Pallas, Triton backend).
+
+FlashAttention-2 (Dao 2023), Algorithm 1: each program owns one ``block_q`` tile of queries of one
+(batch, head) and streams the K/V tiles of its band past it, keeping a running row max ``m``, a
+running row sum ``l`` and an unnormalised float32 accumulator. The N x N score matrix never reaches
+HBM: memory is O(T * H) and HBM traffic O(T * S * H / block_q).
+
+The softmax runs in base 2: ``exp(x) == exp2(x * log2(e))``, and ``exp2`` is one hardware
+instruction, so ``scale * log2(e)`` is folded into a single multiply of the logits. The kernel also
+writes the base-2 log-sum-exp ``m + log2(l)``, the only residual the backward needs besides O.
+
+Caution: K/V heads are shared through the index maps (GQA/MQA), never repeated in memory; head
+dims that are not powers of two are padded inside the tile, not in HBM.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_flash import masking
+from pallas_flash.config import FlashStatics
+from pallas_flash.tiles import load_tile, store_tile
+
+LOG2_E = math.log2(math.e)
+
+
+def dot_precision(dtype):
+    """float32 inputs get true float32 dots (Triton would otherwise use tf32)."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def sequence_bounds(statics: FlashStatics, q_lengths_ref, kv_lengths_ref):
+    """Valid query rows and key columns of this program's batch row."""
+    spec = statics.mask
+    q_end = spec.q_len
+    kv_end = spec.kv_len
+    if q_lengths_ref is not None:
+        q_end = jnp.clip(q_lengths_ref[...], 0, spec.q_len)
+    if kv_lengths_ref is not None:
+        kv_end = jnp.clip(kv_lengths_ref[...], 0, spec.kv_len)
+    return q_end, kv_end
+
+
+def q_block_index(statics: FlashStatics, i):
+    """Causal rows get longer with the block index; launching the longest first trims the tail
+    of the last wave of programs."""
+    if statics.mask.is_causal:
+        return pl.cdiv(statics.mask.q_len, statics.tuning.block_q) - 1 - i
+    return i
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, o_ref, lse_ref, *,
+                    statics: FlashStatics):
+    spec, tuning = statics.mask, statics.tuning
+    block_q, block_k = tuning.block_q, tuning.block_k
+    head_dim = statics.head_dim
+    precision = dot_precision(q_ref.dtype)
+    scale_log2 = statics.scale * LOG2_E
+
+    q_start = q_block_index(statics, pl.program_id(0)) * block_q
+    q_end, kv_end = sequence_bounds(statics, q_lengths_ref, kv_lengths_ref)
+    q_tail = spec.q_len if spec.q_len % block_q else None
+    kv_tail = spec.kv_len if spec.kv_len % block_k else None
+
+    q = load_tile(q_ref, first_row=q_start, valid_rows=q_tail, valid_cols=head_dim)
+    q_pos = (q_start + jnp.arange(block_q, dtype=jnp.int32))[:, None]
+
+    def body(kb, carry, *, masked):
+        acc, m_prev, l_prev = carry
+        k_start = kb * block_k
+        rows = pl.ds(pl.multiple_of(k_start, block_k), block_k)
+        tail = kv_tail if masked else None
+        k = load_tile(k_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [bq, bk], base 2
+        if masked:
+            k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
+            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end,
+                                        check_kv_end=spec.needs_kv_bound(block_k))
+            if visible is not None:
+                s = jnp.where(visible, s, masking.MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_prev - m_next)  # rescales what was summed under the old max
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        v = load_tile(v_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_next, l_next
+
+    padded = statics.head_dim_padded
+    carry = (jnp.zeros((block_q, padded), jnp.float32),
+             jnp.full((block_q,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k)
+    acc, m, l = masking.run_blocks(body, carry, block_range)
+
+    # A row that met no visible key kept m at -inf (no tile) or at MASK_VALUE (only masked tiles).
+    empty = m <= 0.5 * masking.MASK_VALUE
+    if statics.mask.has_q_lengths:
+        empty = empty | (q_pos[:, 0] >= q_end)
+    l_safe = jnp.where(empty, 1.0, l)
+    inv_l = jnp.where(empty, 0.0, 1.0 / l_safe)  # one reciprocal per row, not one divide per element
+    out = acc * inv_l[:, None]
+    store_tile(o_ref, out.astype(o_ref.dtype), first_row=q_start, valid_rows=q_tail, valid_cols=head_dim)
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log2(l_safe))
+    store_tile(lse_ref, lse, first_row=q_start, valid_rows=q_tail)
+
+
+def _length_spec(lengths, index_map):
+    return None if lengths is None else pl.BlockSpec((None,), index_map)
+
+
+def flash_forward(q, k, v, q_lengths, kv_lengths, *, statics: FlashStatics):
+    """Returns ``(out [B, T, N, H], lse2 [B, N, T] float32)``; lse2 is the base-2 log-sum-exp of the
+    scaled logits, -inf on rows that see no key."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    groups = N // K
+    tuning = statics.tuning
+    block_q, block_k = tuning.block_q, tuning.block_k
+    padded = statics.head_dim_padded
+    num_q_blocks = pl.cdiv(T, block_q)
+    kv_rows = pl.cdiv(S, block_k) * block_k
+    q_block = functools.partial(q_block_index, statics)
+
+    kernel = functools.partial(_forward_kernel, statics=statics)
+    in_specs = [
+        pl.BlockSpec((None, block_q, None, padded), lambda i, b, n: (b, q_block(i), n, 0)),
+        pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0)),
+        pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0)),
+        _length_spec(q_lengths, lambda i, b, n: (b,)),
+        _length_spec(kv_lengths, lambda i, b, n: (b,)),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, block_q, None, padded), lambda i, b, n: (b, q_block(i), n, 0)),
+        pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, q_block(i))),
+    ]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((B, N, T), jnp.float32)]
+    return pl.pallas_call(
+        kernel,
+        grid=(num_q_blocks, B, N),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
+        interpret=statics.interpret,
+        name="pallas_flash_forward",
+    )(q, k, v, q_lengths, kv_lengths)

@@ -1,0 +1,33 @@
+"""Shared test setup: the `gpu` marker skips cleanly where no CUDA GPU is present.
+
+Every unmarked test runs everywhere: on CPU the Pallas kernels run in interpret mode, on the GPU
+machine the same tests exercise the compiled kernels.
+"""
+
+import os
+
+# XLA's GEMM autotuning of every reference einsum costs the GPU suite minutes and changes no result.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads once)
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (jax.default_backend() != 'gpu')")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh key per test, different on every run, printed on failure for replay."""
+    import secrets
+
+    seed = secrets.randbits(31)
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return jax.random.key(seed)

@@ -1,0 +1,106 @@
+"""CPU smoke test of `benchmarks.attention`: the script runs end to end and writes sane results.
+
+The run is pinned to the tiny smoke shapes with explicit flags, so on a GPU machine it stays just as
+small instead of starting the full benchmark.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import attention, plot
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    # cudnn is on the list so the "recorded, not crashed" path runs too: without a GPU it is refused.
+    argv = ["--shapes", "smoke", "--impls", "pallas_flash,xla,cudnn", "--causal", "yes",
+            "--rounds", "1", "--calls", "1", "--compile-workers", "2", "--out-dir", str(out_dir),
+            "--name", "smoke"]
+    return attention.main(argv), out_dir
+
+
+def test_smoke_run_writes_json_markdown_and_png(smoke):
+    results, out_dir = smoke
+    on_disk = json.loads((out_dir / "smoke.json").read_text())
+    assert on_disk["cases"] == json.loads(json.dumps(results["cases"]))
+    meta = on_disk["metadata"]
+    for field in ("device_kind", "jax_version", "date", "command", "flop_convention"):
+        assert meta[field]
+    assert "--shapes smoke" in meta["command"]
+
+    md = (out_dir / "smoke.md").read_text()
+    assert "| shape (BxSxN[xK]xH) | causal | pass" in md
+    assert "1x64x2x32" in md and "1x128x4x2x32" in md
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert results["paths"]["png"] is None
+    else:
+        png = out_dir / "smoke.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "![TFLOP/s against sequence length](smoke.png)" in md
+
+
+def test_smoke_cases_are_timed_and_match_the_reference(smoke):
+    results, _ = smoke
+    cases = results["cases"]
+    # 2 shapes x 1 causal x 2 passes x 3 implementations.
+    assert len(cases) == 12
+    measured = [c for c in cases if c["impl"] in ("pallas_flash", "xla")]
+    assert len(measured) == 8
+    for c in measured:
+        assert c["status"] == "ok", c
+        assert c["ms"] > 0 and c["tflops"] > 0
+        assert c["flops"] == attention.flops(attention.Shape.parse(c["shape"]), c["causal"], c["pass"])
+        assert c["matched"] is True and c["rel_err"] < 2e-2, c
+        assert c["memory"] is None or c["memory"]["workspace"] > 0
+    for c in cases:
+        if c["impl"] == "cudnn":
+            assert c["status"] in ("ok", "unsupported"), c
+
+
+def test_plot_module_regenerates_the_report(smoke, capsys):
+    _, out_dir = smoke
+    (out_dir / "smoke.md").unlink()
+    plot.main([str(out_dir / "smoke.json")])
+    assert "| shape (BxSxN[xK]xH)" in (out_dir / "smoke.md").read_text()
+
+
+def test_default_shape_set_deduplicates_anchors_gqa_and_sweep():
+    shapes = attention.shapes_from_spec("default")
+    assert len(shapes) == len(set(shapes)) == 14
+    assert set(attention.ANCHORS) <= set(shapes)
+    assert shapes[attention.Shape(4, 4096, 32, 8, 128)] == ("gqa",)
+    assert shapes[attention.Shape.parse("4x4096x16x128")] == ("anchor", "sweep")
+    sweep = [s for s, tags in shapes.items() if "sweep" in tags]
+    assert len(sweep) == 12 and all(s.B * s.S == 16384 and s.N == s.K == 16 for s in sweep)
+
+
+def test_shape_parsing_and_flop_convention():
+    assert attention.Shape.parse("4x4096x32x8x128") == attention.Shape(4, 4096, 32, 8, 128)
+    assert attention.Shape.parse("16x1024x16x128").name == "16x1024x16x128"
+    with pytest.raises(ValueError):
+        attention.Shape.parse("4x4096x30x8x128")
+    shape = attention.Shape.parse("4x4096x16x128")
+    fwd = 4 * 4 * 16 * 4096 * 4096 * 128
+    assert attention.flops(shape, False, "fwd") == fwd
+    assert attention.flops(shape, True, "fwd") == fwd / 2
+    assert attention.flops(shape, True, "fwdbwd") == 3.5 * fwd / 2
+
+
+def test_failures_are_classified():
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes")
+    assert attention.classify(oom, "run")[0] == "oom"
+    assert attention.classify(NotImplementedError("head dim 512"), "run")[0] == "unsupported"
+    assert attention.classify(ValueError("cudnn: bad layout"), "lower")[0] == "unsupported"
+    assert attention.classify(RuntimeError("boom"), "run")[0] == "error"
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        attention.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--out-dir" in capsys.readouterr().out
