@@ -12,6 +12,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotun
 import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads once)
 import pytest  # noqa: E402
 
+# Float32 comparisons between implementations need true float32 dots: on a GPU XLA's default lets
+# them run as tf32 (~3e-4 relative), which would drown the differences the tests look for.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":

@@ -115,7 +115,6 @@ def test_many_small_blocks(rng, masks):
     check_case(rng, B=2, T=75, S=91, N=2, K=1, H=32, dtype=F32, config=SMALL_BLOCKS, **masks)
 
 
-@jax.default_matmul_precision("highest")  # jax.nn's float32 dots may use tf32 on a GPU otherwise
 def test_matches_jax_nn(rng):
     """Same numbers and residual layout as jax.nn.dot_product_attention, including 3-D inputs and
     top-left causal alignment with T != S."""
@@ -136,7 +135,6 @@ def test_matches_jax_nn(rng):
     np.testing.assert_allclose(out3, want3, rtol=2e-5, atol=2e-5)
 
 
-@jax.default_matmul_precision("highest")
 def test_xla_implementation_is_the_reference(rng):
     q, k, v, _ = random_inputs(rng, B=1, T=40, S=40, N=2, K=2, H=32, dtype=F32)
     got = pallas_flash.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
@@ -154,7 +152,6 @@ def test_gradients_are_deterministic(rng):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-@jax.default_matmul_precision("highest")
 def test_default_implementation_falls_back_for_unsupported_inputs(rng):
     q, k, v, _ = random_inputs(rng, B=1, T=16, S=16, N=2, K=2, H=32, dtype=F32)
     bias = jax.random.normal(rng, (1, 2, 16, 16))
