@@ -58,9 +58,12 @@ def candidates(head_dim: int, base: FlashConfig):
     fwd = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
            for bq, bk, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
            if not (head_dim > 128 and bk > 64)]
+    # (block_q_dkv, block_k_dkv, block_q_dq, block_k_dq): the resident tile is the dK/dV kernel's K
+    # slab and the dQ kernel's Q tile, whose float32 accumulators must stay in registers.
+    tiles = (((32, 64, 64, 32), (64, 128, 128, 64), (32, 128, 128, 32), (64, 64, 64, 64)) if head_dim <= 128
+             else ((16, 32, 32, 16), (32, 32, 32, 32), (32, 64, 64, 32), (16, 64, 64, 16)))
     bwd = [dict(block_q_dkv=a, block_k_dkv=b, block_q_dq=c, block_k_dq=d, num_warps_bwd=w, num_stages_bwd=s)
-           for (a, b, c, d), w, s in itertools.product(
-               ((32, 64, 64, 32), (64, 128, 128, 64), (32, 128, 128, 32), (64, 64, 64, 64)), (4, 8), (1, 2))]
+           for (a, b, c, d), w, s in itertools.product(tiles, (4, 8), (1, 2))]
     return [base.replace(**c) for c in fwd], [base.replace(**c) for c in bwd]
 
 
