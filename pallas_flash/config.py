@@ -69,30 +69,39 @@ def default_config(*, q_len: int, kv_len: int, head_dim: int, dtype_bytes: int,
                    device: str | None = None) -> FlashConfig:
     """A heuristic per shape and device; see `benchmarks/` and NOTES.md for the measurements behind it.
 
-    Shared memory, not registers, bounds the tiles at large head dims: a (block, head_dim) bf16 tile
-    costs block * head_dim * 2 bytes per pipeline stage.
+    At large head dims both limits bite: a streamed (block, head_dim) bf16 tile costs
+    block * head_dim * 2 bytes of shared memory per pipeline stage, a resident float32 accumulator
+    block * head_dim * 4 bytes of registers.
     """
     padded = max(16, 1 << (head_dim - 1).bit_length())
     wide = dtype_bytes >= 4
-    if padded <= 128:
-        # Best of a 24-candidate forward and 16-candidate backward sweep at 4x4096x16x128 bf16 on
-        # the H100 (NOTES.md): 64x64 backward tiles with 4 warps beat 128-row tiles with 8.
+    # Each row is the best of a forward and a backward sweep at 4x4096xNx{64,128,256} bf16 on the
+    # H100 (`benchmarks/tune.py`, NOTES.md).
+    if padded <= 64:
+        cfg = FlashConfig(block_q=64, block_k=128, num_warps=4, num_stages=2,
+                          block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
+                          num_warps_bwd=4, num_stages_bwd=1)
+    elif padded <= 128:
         cfg = FlashConfig(block_q=128, block_k=64, num_warps=4, num_stages=2,
                           block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
                           num_warps_bwd=4, num_stages_bwd=2)
     else:
-        cfg = FlashConfig(block_q=64, block_k=32, num_warps=4, num_stages=2,
-                          block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32,
-                          num_warps_bwd=8, num_stages_bwd=1)
+        # The backward's float32 dK/dV (or dQ) accumulators of a 256-wide head fill the registers
+        # at 32 rows already; larger tiles spill.
+        cfg = FlashConfig(block_q=128, block_k=64, num_warps=8, num_stages=2,
+                          block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32,
+                          num_warps_bwd=4, num_stages_bwd=2)
     if wide:
         # float32 tiles are twice the bytes: halve the resident dimension to stay inside shared memory.
         cfg = cfg.replace(block_q=max(16, cfg.block_q // 2), block_q_dq=max(16, cfg.block_q_dq // 2),
                           block_k_dkv=max(16, cfg.block_k_dkv // 2), num_stages=min(cfg.num_stages, 2))
+        if padded > 128:
+            cfg = cfg.replace(block_k=32, num_stages=1)
     device = device_kind() if device is None else device
     if not any(tag in device for tag in ("H100", "H200", "H800", "H20", "GH200")):
         # Only Hopper was measured; pre-Hopper parts have less shared memory per SM, so pipeline
         # less deeply rather than fail to compile.
-        cfg = cfg.replace(num_stages=min(cfg.num_stages, 2), num_stages_bwd=1)
+        cfg = cfg.replace(block_q=min(cfg.block_q, 64), num_stages=min(cfg.num_stages, 2), num_stages_bwd=1)
     return cfg.replace(
         block_q=_clip(cfg.block_q, q_len),
         block_k=_clip(cfg.block_k, kv_len),

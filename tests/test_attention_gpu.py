@@ -45,3 +45,11 @@ def test_long_sequence_fits_and_matches_on_leading_rows(rng):
         assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
     # The last keys are seen only by the last rows: their gradient is small but not identically zero.
     assert float(jnp.max(jnp.abs(grads[2][:, -1].astype(jnp.float32)))) > 0
+
+
+@pytest.mark.parametrize("H, dtype", [(256, jnp.float32), (256, jnp.float16), (64, jnp.float32)])
+def test_default_tiles_compile_for_every_dtype(rng, H, dtype):
+    """The per-shape default tiles must fit shared memory for the wide dtypes too."""
+    from tests.test_attention import check_case
+
+    check_case(rng, B=1, T=300, S=300, N=2, K=1, H=H, dtype=dtype, is_causal=True)
