@@ -55,6 +55,7 @@ import jaxlib
 import numpy as np
 
 import pallas_flash
+from benchmarks.timing import timed_rounds
 from pallas_flash import reference
 
 
@@ -388,19 +389,6 @@ def time_executable(compiled, args, *, warmup: int, rounds: int, calls: int, max
     return first, calls
 
 
-def timed_rounds(compiled, args, rounds: int, calls: int) -> list[float]:
-    per_call = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = compiled(*args)
-        # Calls run in order on one stream: the last one finishing means all have.
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / calls)
-        del out
-    return per_call
-
-
 def slice_result(result, shape: Shape, pass_: str):
     """The part of an implementation's result the reference covers, as float32 numpy arrays."""
     q_idx, kv_idx = ref_slices(shape)
@@ -726,7 +714,7 @@ def _run_case(shape, causal, pass_, impl, tags, executables, inputs, ref, args, 
                                        calls=args.calls, max_seconds=args.max_case_seconds)
         got = slice_result(first, shape, pass_)
         del first
-        per_call = timed_rounds(executable.compiled, inputs, args.rounds, calls)
+        per_call = timed_rounds(executable.compiled, inputs, rounds=args.rounds, calls=calls)
     except Exception as exc:  # OOM or a runtime failure: recorded, the run goes on
         status, message = classify(exc, "run")
         record.update(status=status, error=message, device_peak_bytes=device_peak_bytes())

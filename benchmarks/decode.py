@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import timed_rounds
 from pallas_flash.decode import DecodeConfig, decode_attention, resolve_config, sm_count
 
 # (N query heads, K K/V heads, head dim H); interpret mode on CPU gets a smoke test, not a measurement.
@@ -101,26 +102,11 @@ def attention_fn(impl: str, config: DecodeConfig | None = None):
         q, k, v, key_value_seq_lengths=lengths, implementation=impl)
 
 
-def time_fn(compiled, args, *, rounds: int, calls: int) -> list[float]:
-    """Per-call seconds of each round: ``calls`` asynchronous dispatches, the last one waited on
-    (calls run in order on one stream, so its end is the end of all)."""
-    for _ in range(2):
-        jax.block_until_ready(compiled(*args))
-    per_call = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = compiled(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / calls)
-    return per_call
-
-
 def copy_bandwidth(*, rounds: int, calls: int, gib: float = 2.0) -> float:
     """Bytes/s of an elementwise ``x * 2`` over ``gib`` GiB of bf16: the card's practical ceiling."""
     x = jnp.ones((int(gib * (1 << 30)) // 2,), jnp.bfloat16)
     compiled = jax.jit(lambda x: x * 2).lower(x).compile()
-    seconds = statistics.median(time_fn(compiled, (x,), rounds=rounds, calls=calls))
+    seconds = statistics.median(timed_rounds(compiled, (x,), rounds=rounds, calls=calls, warmup=2))
     del x
     return 2 * gib * (1 << 30) / seconds
 
@@ -156,7 +142,7 @@ def run_one(fn, args, *, rounds: int, calls: int, copy_bw: float | None,
     compile_s = time.perf_counter() - t0
     try:
         out = jax.block_until_ready(compiled(*args))
-        seconds = time_fn(compiled, args, rounds=rounds, calls=calls)
+        seconds = timed_rounds(compiled, args, rounds=rounds, calls=calls, warmup=2)
     except Exception as exc:
         status, message = classify(exc)
         return {"status": status, "error": message, "compile_s": compile_s}, None

@@ -16,27 +16,18 @@ import itertools
 import json
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 import pallas_flash
+from benchmarks.timing import timed_rounds
 from pallas_flash import FlashConfig, default_config
 
 
 def time_call(fn, *args, rounds: int = 5, calls: int = 10) -> float:
-    """Median seconds per call over `rounds` of `calls` back-to-back dispatches (dispatch overlaps
-    the device work, so launch overhead does not count)."""
-    jax.block_until_ready(fn(*args))
-    per_call = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - start) / calls)
-    return statistics.median(per_call)
+    """Median seconds per call over `rounds` of `calls` back-to-back dispatches, after a warm-up."""
+    return statistics.median(timed_rounds(fn, args, rounds=rounds, calls=calls, warmup=1))
 
 
 def attention_flops(B, T, S, N, H, causal, passes) -> float:

@@ -1,6 +1,5 @@
 """pallas_flash: fused FlashAttention for JAX in Pallas, a drop-in for jax.nn.dot_product_attention."""
 
-from pallas_flash import decode
 from pallas_flash.api import dot_product_attention
 from pallas_flash.config import FlashConfig, default_config
 from pallas_flash.decode import DecodeConfig, decode_attention
