@@ -84,8 +84,6 @@ def _soft_cap(cap):
 
 def _kernel_unsupported(query, bias, mask, scale) -> str | None:
     """Why the Pallas kernel cannot take this call yet (None: it can)."""
-    if bias is not None or mask is not None:
-        return "bias and mask arrays are not supported by the Pallas kernel yet"
     if query.dtype not in _KERNEL_DTYPES:
         return f"the Pallas kernel supports float16, bfloat16 and float32, got {query.dtype}"
     if query.shape[-1] > MAX_HEAD_DIM:
@@ -126,7 +124,9 @@ def dot_product_attention(
 
     Args:
       query, key, value: floating arrays of one dtype.
-      bias, mask: additive bias / boolean mask broadcastable to ``[B, N, T, S]`` (``xla`` only for now).
+      bias, mask: additive bias / boolean mask (True: attend) broadcastable to ``[B, N, T, S]``; the
+        kernel reads them in their broadcast-reduced shape, tile by tile, and returns the bias
+        gradient summed over its broadcast dims. The bias is added after the soft cap.
       scale: logit scale; ``1/sqrt(H)`` when None.
       is_causal: query ``i`` sees keys ``j <= i``, aligned at the top left as in jax.nn, also when
         ``T != S``. With T=3, S=5::
@@ -208,11 +208,15 @@ def dot_product_attention(
             raise NotImplementedError(reason)
         spec = MaskSpec(q_len=T, kv_len=S, is_causal=bool(is_causal), window=window,
                         has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
-                        has_segment_ids=segments is not None, soft_cap=soft_cap)
+                        has_segment_ids=segments is not None, has_mask=mask is not None,
+                        soft_cap=soft_cap)
         tuning = config or default_config(q_len=T, kv_len=S, head_dim=H, dtype_bytes=q.dtype.itemsize)
         statics = FlashStatics(mask=spec, scale=float(scale), head_dim=H, tuning=tuning,
                                interpret=not _on_gpu())
-        out, lse2 = flash_attention(statics, q, k, v, q_lengths, kv_lengths, segments)
+        # Broadcast dims stay size 1 all the way into the kernels; int8 because Triton has no
+        # boolean loads.
+        kernel_mask = None if mask is None else mask.astype(jnp.int8)
+        out, lse2 = flash_attention(statics, q, k, v, q_lengths, kv_lengths, segments, bias, kernel_mask)
         lse = jnp.transpose(lse2, (0, 2, 1)) * math.log(2.0)  # base 2 -> natural, [B, T, N]
     else:
         out, lse = reference.attention(q, k, v, bias, mask, scale=scale, is_causal=bool(is_causal),

@@ -26,8 +26,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_flash import masking
 from pallas_flash.config import FlashStatics
-from pallas_flash.forward import (_length_spec, dot_precision, load_segment_range, load_segments,
-                                  scaled_logits, segment_specs, sequence_bounds)
+from pallas_flash.forward import (_length_spec, add_bias, dot_precision, load_logit_tile,
+                                  load_segment_range, load_segments, logit_array_spec, scaled_logits,
+                                  segment_specs, sequence_bounds)
 from pallas_flash.tiles import load_tile, store_tile
 
 
@@ -49,8 +50,44 @@ def _soft_cap_grad(ds, tanh):
     return ds if tanh is None else ds * (1.0 - tanh * tanh)
 
 
+def _load_logit_tile_t(ref, g, *, q_rows, q_start, q_tail, k_start, kv_tail):
+    """The dK/dV kernel's ``[block_k | 1, block_q | 1]`` (transposed) tile of a bias or mask laid
+    out ``[G | 1, T | 1, block_k | 1]`` for this program, at query head ``g`` of the group."""
+    if ref is None:
+        return None
+    # A traced index even for a broadcast head: a Python int index trips interpret mode's loads.
+    head = g if ref.shape[0] > 1 else jnp.asarray(0, jnp.int32)
+    rows_bcast, cols_bcast = ref.shape[1] == 1, ref.shape[2] == 1
+    view = ref.at[head] if rows_bcast else ref.at[head, q_rows, :]
+    tile = load_tile(view, first_row=q_start, valid_rows=None if rows_bcast else q_tail,
+                     first_col=None if cols_bcast else k_start,
+                     valid_cols=None if cols_bcast else kv_tail, other=0)
+    return tile.T
+
+
+def _dkdv_logit_spec(x, q_rows: int, block_k: int):
+    """BlockSpec of a bias or mask reshaped ``[B|1, K|1, G|1, T|1, S|1]`` for the dK/dV grid
+    ``(key block, batch, K/V head)``: every query head of the group, broadcast dims at block 0."""
+    if x is None:
+        return None
+    Bb, Kb, Gb, Tb, Sb = x.shape
+    shape = (None, None, Gb, q_rows if Tb > 1 else 1, block_k if Sb > 1 else 1)
+    return pl.BlockSpec(shape, lambda j, b, h: (b if Bb > 1 else 0, h if Kb > 1 else 0, 0, 0,
+                                                j if Sb > 1 else 0))
+
+
+def _group_heads(x, num_heads: int, kv_heads: int):
+    """``[B|1, N|1, T|1, S|1]`` -> ``[B|1, K|1, G|1, T|1, S|1]`` (a free reshape)."""
+    if x is None:
+        return None
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], kv_heads, num_heads // kv_heads, *x.shape[2:])
+
+
 def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref,
-                 kv_seg_ref, q_seg_ref, seg_range_ref, dk_ref, dv_ref, *, statics: FlashStatics):
+                 kv_seg_ref, q_seg_ref, seg_range_ref, bias_ref, mask_ref, dk_ref, dv_ref, *,
+                 statics: FlashStatics):
     spec, tuning = statics.mask, statics.tuning
     block_q, block_k = tuning.block_q_dkv, tuning.block_k_dkv
     head_dim, groups = statics.head_dim, q_ref.shape[1]
@@ -79,12 +116,16 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref,
             lse = _load_lse(lse_ref.at[g, rows], **tile)
             delta = load_tile(delta_ref.at[g, rows], **tile)
             s_t, tanh_t = scaled_logits(statics, plgpu.dot(k, q, trans_b=True, precision=precision))
+            logit_tile = dict(q_rows=rows, q_start=q_start, q_tail=q_tail, k_start=k_start,
+                              kv_tail=kv_tail)
+            s_t = add_bias(s_t, _load_logit_tile_t(bias_ref, g, **logit_tile))
             if masked:
                 q_pos = (q_start + jnp.arange(block_q, dtype=jnp.int32))[None, :]
                 q_seg = None
                 if q_seg_ref is not None:
                     q_seg = load_segments(q_seg_ref.at[rows], first_row=q_start, valid_rows=q_tail)[None, :]
                 visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
+                                            mask_tile=_load_logit_tile_t(mask_ref, g, **logit_tile),
                                             check_kv_end=spec.needs_kv_bound(block_k))
                 if visible is not None:
                     s_t = jnp.where(visible, s_t, masking.MASK_VALUE)
@@ -106,7 +147,10 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref,
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref,
-               q_seg_ref, kv_seg_ref, seg_range_ref, dq_ref, *, statics: FlashStatics):
+               q_seg_ref, kv_seg_ref, seg_range_ref, bias_ref, mask_ref, dq_ref, ds_ref=None, *,
+               statics: FlashStatics):
+    """``ds_ref`` (with a bias only) receives the logit gradient of every tile, ``[block_q, S]`` per
+    program: the bias gradient before its broadcast dims are summed."""
     spec, tuning = statics.mask, statics.tuning
     block_q, block_k = tuning.block_q_dq, tuning.block_k_dq
     head_dim = statics.head_dim
@@ -132,29 +176,49 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
         k = load_tile(k_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
         v = load_tile(v_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
         s, tanh = scaled_logits(statics, plgpu.dot(q, k, trans_b=True, precision=precision))
+        logit_tile = dict(q_start=q_start, q_tail=q_tail, k_cols=rows, k_start=k_start,
+                          kv_tail=kv_tail)
+        s = add_bias(s, load_logit_tile(bias_ref, **logit_tile))
         if masked:
             k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
             k_seg = None
             if kv_seg_ref is not None:
                 k_seg = load_segments(kv_seg_ref.at[rows], first_row=k_start, valid_rows=kv_tail)[None, :]
             visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
+                                        mask_tile=load_logit_tile(mask_ref, **logit_tile),
                                         check_kv_end=spec.needs_kv_bound(block_k))
             if visible is not None:
                 s = jnp.where(visible, s, masking.MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         dp = plgpu.dot(do, v, trans_b=True, precision=precision)
-        ds = _soft_cap_grad(p * (dp - delta[:, None]), tanh)
+        ds = p * (dp - delta[:, None])  # d loss / d (capped logit + bias)
+        if ds_ref is not None:
+            store_tile(ds_ref.at[:, rows], ds, first_row=q_start, valid_rows=q_tail, first_col=k_start,
+                       valid_cols=kv_tail)
+        ds = _soft_cap_grad(ds, tanh)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
+    if ds_ref is not None:
+        # Skipped tiles are never visited, but their (zero) bias gradient must still be written.
+        zeros = jnp.zeros((block_q, block_k), jnp.float32)
+
+        def zero_fill(kb, carry):
+            cols = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
+            store_tile(ds_ref.at[:, cols], zeros, first_row=q_start, valid_rows=q_tail,
+                       first_col=kb * block_k, valid_cols=kv_tail)
+            return carry
+
+        lax.fori_loop(0, pl.cdiv(spec.kv_len, block_k), zero_fill, 0)
     block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k,
                                          segment_range=load_segment_range(seg_range_ref))
     dq = masking.run_blocks(body, jnp.zeros((block_q, statics.head_dim_padded), jnp.float32), block_range)
     store_tile(dq_ref, (dq * statics.scale).astype(dq_ref.dtype), valid_cols=head_dim, **tile)
 
 
-def flash_backward(q, k, v, q_lengths, kv_lengths, segments, out, lse, d_out, *, statics: FlashStatics):
-    """Returns ``(dq, dk, dv)`` for the forward's ``(out, lse2)`` and the output cotangent;
-    ``segments`` as in `forward.flash_forward`."""
+def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse, d_out, *,
+                   statics: FlashStatics):
+    """Returns ``(dq, dk, dv, dbias)`` for the forward's ``(out, lse2)`` and the output cotangent;
+    ``segments``, ``bias`` and ``mask`` as in `forward.flash_forward`; dbias is None without a bias."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     groups = N // K
@@ -191,7 +255,9 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, out, lse, d_out, *,
         grid=(pl.cdiv(S, block_k_dkv), B, K),
         in_specs=[grouped_spec, grouped_spec, grouped_rows_spec, grouped_rows_spec, kv_spec, kv_spec,
                   _length_spec(q_lengths, lambda j, b, h: (b,)),
-                  _length_spec(kv_lengths, lambda j, b, h: (b,)), *dkdv_seg_specs],
+                  _length_spec(kv_lengths, lambda j, b, h: (b,)), *dkdv_seg_specs,
+                  _dkdv_logit_spec(_group_heads(bias, N, K), q_rows, block_k_dkv),
+                  _dkdv_logit_spec(_group_heads(mask, N, K), q_rows, block_k_dkv)],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps_bwd,
@@ -200,23 +266,35 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, out, lse, d_out, *,
         name="pallas_flash_backward_dkdv",
     )(q.reshape(B, T, K, groups, H), d_out.reshape(B, T, K, groups, H),
       lse.reshape(B, K, groups, T), delta.reshape(B, K, groups, T), k, v, q_lengths, kv_lengths,
-      *dkdv_seg_arrays)
+      *dkdv_seg_arrays, _group_heads(bias, N, K), _group_heads(mask, N, K))
 
     block_k_dq = tuning.block_k_dq
     kv_rows = pl.cdiv(S, block_k_dq) * block_k_dq
     full_kv_spec = pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0))
     dq_seg_arrays, dq_seg_specs = segment_specs(segments, block_q, block_k_dq, kv_rows, lambda i: i)
+    out_specs, out_shape = tile_spec, jax.ShapeDtypeStruct(q.shape, q.dtype)
+    if bias is not None:
+        # The full [B, N, T, S] logit gradient: O(T * S), but only because the bias itself may be.
+        out_specs = [tile_spec, pl.BlockSpec((None, None, block_q, kv_rows), lambda i, b, n: (b, n, i, 0))]
+        out_shape = [out_shape, jax.ShapeDtypeStruct((B, N, T, S), jnp.float32)]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, statics=statics),
         grid=(num_q_blocks, B, N),
         in_specs=[tile_spec, tile_spec, row_spec, row_spec, full_kv_spec, full_kv_spec,
                   _length_spec(q_lengths, lambda i, b, n: (b,)),
-                  _length_spec(kv_lengths, lambda i, b, n: (b,)), *dq_seg_specs],
-        out_specs=tile_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  _length_spec(kv_lengths, lambda i, b, n: (b,)), *dq_seg_specs,
+                  logit_array_spec(bias, block_q, kv_rows, lambda i: i),
+                  logit_array_spec(mask, block_q, kv_rows, lambda i: i)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps_bwd,
                                              num_stages=tuning.num_stages_bwd),
         interpret=interpret,
         name="pallas_flash_backward_dq",
-    )(q, d_out, lse, delta, k, v, q_lengths, kv_lengths, *dq_seg_arrays)
-    return dq, dk, dv
+    )(q, d_out, lse, delta, k, v, q_lengths, kv_lengths, *dq_seg_arrays, bias, mask)
+    if bias is None:
+        return dq, dk, dv, None
+    dq, ds = dq
+    broadcast = tuple(d for d in range(4) if bias.shape[d] == 1 and ds.shape[d] != 1)
+    dbias = jnp.sum(ds, axis=broadcast, keepdims=True).astype(bias.dtype)
+    return dq, dk, dv, dbias

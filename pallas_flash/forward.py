@@ -50,6 +50,39 @@ def scaled_logits(statics: FlashStatics, dots):
     return t * (cap * LOG2_E), t
 
 
+def add_bias(s, bias_tile):
+    """Adds a natural-log bias tile to base-2 logits. Clamping at MASK_VALUE turns a -inf bias (an
+    additive mask) into a masked logit, so a row of -inf keeps a finite max and stays NaN-free."""
+    if bias_tile is None:
+        return s
+    return jnp.maximum(s + bias_tile.astype(jnp.float32) * LOG2_E, masking.MASK_VALUE)
+
+
+def load_logit_tile(ref, *, q_start, q_tail, k_cols, k_start, kv_tail, other=0):
+    """The ``[block_q | 1, block_k | 1]`` tile of a bias or mask array at key columns ``k_cols``
+    (a ``pl.ds``), or None without one. A dimension of size 1 is a broadcast dimension (its BlockSpec
+    always points at block 0), so its one row or column serves the whole tile; rows and columns
+    past the sequence ends read as ``other``."""
+    if ref is None:
+        return None
+    rows_bcast, cols_bcast = ref.shape[0] == 1, ref.shape[1] == 1
+    view = ref if cols_bcast else ref.at[:, k_cols]
+    return load_tile(view, first_row=q_start, valid_rows=None if rows_bcast else q_tail,
+                     first_col=None if cols_bcast else k_start,
+                     valid_cols=None if cols_bcast else kv_tail, other=other)
+
+
+def logit_array_spec(x, block_q: int, kv_rows: int, q_block):
+    """BlockSpec of a ``[B|1, N|1, T|1, S|1]`` bias or mask for a grid ``(q block, batch, head)``:
+    broadcast dimensions stay size 1 and map to block 0, so the broadcast is never materialised."""
+    if x is None:
+        return None
+    Bb, Nb, Tb, Sb = x.shape
+    shape = (None, None, block_q if Tb > 1 else 1, kv_rows if Sb > 1 else 1)
+    return pl.BlockSpec(shape, lambda i, b, n: (b if Bb > 1 else 0, n if Nb > 1 else 0,
+                                                q_block(i) if Tb > 1 else 0, 0))
+
+
 def load_segments(ref, *, first_row, valid_rows):
     """A tile of segment ids; rows past the sequence end read as -1 (they are masked elsewhere, but
     Triton loads have no bounds check, so they must not be read at all)."""
@@ -84,7 +117,7 @@ def q_block_index(statics: FlashStatics, i):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, q_seg_ref, kv_seg_ref,
-                    seg_range_ref, o_ref, lse_ref, *, statics: FlashStatics):
+                    seg_range_ref, bias_ref, mask_ref, o_ref, lse_ref, *, statics: FlashStatics):
     spec, tuning = statics.mask, statics.tuning
     block_q, block_k = tuning.block_q, tuning.block_k
     head_dim = statics.head_dim
@@ -107,12 +140,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, q_seg_re
         tail = kv_tail if masked else None
         k = load_tile(k_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
         s, _ = scaled_logits(statics, plgpu.dot(q, k, trans_b=True, precision=precision))  # base 2
+        tile = dict(q_start=q_start, q_tail=q_tail, k_cols=rows, k_start=k_start, kv_tail=tail)
+        s = add_bias(s, load_logit_tile(bias_ref, **tile))
         if masked:
             k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
             k_seg = None
             if kv_seg_ref is not None:
                 k_seg = load_segments(kv_seg_ref.at[rows], first_row=k_start, valid_rows=kv_tail)[None, :]
             visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
+                                        mask_tile=load_logit_tile(mask_ref, **tile),
                                         check_kv_end=spec.needs_kv_bound(block_k))
             if visible is not None:
                 s = jnp.where(visible, s, masking.MASK_VALUE)
@@ -167,10 +203,11 @@ def segment_specs(segments, block_outer: int, block_inner: int, inner_rows: int,
     return (outer_ids, inner_ids, ranges), specs
 
 
-def flash_forward(q, k, v, q_lengths, kv_lengths, segments=None, *, statics: FlashStatics):
+def flash_forward(q, k, v, q_lengths, kv_lengths, segments=None, bias=None, mask=None, *,
+                  statics: FlashStatics):
     """Returns ``(out [B, T, N, H], lse2 [B, N, T] float32)``; lse2 is the base-2 log-sum-exp of the
     scaled logits, -inf on rows that see no key. ``segments`` is ``(q_ids [B, T], kv_ids [B, S])``
-    int32 or None."""
+    int32 or None; ``bias``/``mask`` are ``[B|1, N|1, T|1, S|1]`` (the mask as int8) or None."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     groups = N // K
@@ -190,6 +227,8 @@ def flash_forward(q, k, v, q_lengths, kv_lengths, segments=None, *, statics: Fla
         _length_spec(q_lengths, lambda i, b, n: (b,)),
         _length_spec(kv_lengths, lambda i, b, n: (b,)),
         *seg_specs,
+        logit_array_spec(bias, block_q, kv_rows, q_block),
+        logit_array_spec(mask, block_q, kv_rows, q_block),
     ]
     out_specs = [
         pl.BlockSpec((None, block_q, None, padded), lambda i, b, n: (b, q_block(i), n, 0)),
@@ -206,4 +245,4 @@ def flash_forward(q, k, v, q_lengths, kv_lengths, segments=None, *, statics: Fla
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=statics.interpret,
         name="pallas_flash_forward",
-    )(q, k, v, q_lengths, kv_lengths, *seg_arrays)
+    )(q, k, v, q_lengths, kv_lengths, *seg_arrays, bias, mask)

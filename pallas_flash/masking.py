@@ -53,6 +53,8 @@ class MaskSpec:
     has_q_lengths: bool = False
     has_kv_lengths: bool = False
     has_segment_ids: bool = False
+    # A boolean mask array: data-dependent anywhere, so no tile may skip the element-wise mask.
+    has_mask: bool = False
     # Not a visibility rule but part of *what* is computed, so it lives here with the rest of it:
     # logits -> soft_cap * tanh(logits / soft_cap) after scaling, before bias and masking.
     soft_cap: float | None = None
@@ -71,15 +73,19 @@ def _clip(x, lo, hi):
     return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def tile_mask(spec: MaskSpec, q_pos, k_pos, kv_end, *, check_kv_end: bool, q_seg=None, k_seg=None):
+def tile_mask(spec: MaskSpec, q_pos, k_pos, kv_end, *, check_kv_end: bool, q_seg=None, k_seg=None,
+              mask_tile=None):
     """Boolean visibility of a tile, or None when every position of any tile is visible.
 
     ``q_pos`` is ``(bq, 1)`` and ``k_pos`` is ``(1, bk)`` (absolute positions; the dK/dV kernel passes
     them transposed); ``kv_end`` is the number of valid keys of this batch row. ``q_seg``/``k_seg``
     are the segment ids of the tile's rows/columns, shaped like ``q_pos``/``k_pos``, when
-    ``spec.has_segment_ids``.
+    ``spec.has_segment_ids``; ``mask_tile`` is the tile of a user mask array (nonzero: visible),
+    broadcastable to the tile, when ``spec.has_mask``.
     """
     conditions = []
+    if mask_tile is not None:
+        conditions.append(mask_tile != 0)
     if spec.has_segment_ids:
         conditions.append(q_seg == k_seg)
     if check_kv_end:
@@ -100,11 +106,14 @@ def _pick(vector, index: int):
     return jnp.sum(jnp.where(jnp.arange(vector.shape[0]) == index, vector, 0))
 
 
-def _with_segments(block_range, segment_range):
-    """Intersects a positional block range with a `segment_block_ranges` row (a loaded 4-vector)."""
+def _with_segments(spec: MaskSpec, block_range, segment_range):
+    """Intersects a positional block range with a `segment_block_ranges` row (a loaded 4-vector),
+    and drops the mask-free run when a mask array is given."""
     lo, full_lo, full_hi, hi = block_range
+    if spec.has_mask:
+        full_lo = full_hi = lo
     if segment_range is None:
-        return block_range
+        return lo, full_lo, full_hi, hi
     s_lo, s_full_lo, s_full_hi, s_hi = (_pick(segment_range, c) for c in range(4))
     lo = jnp.maximum(lo, s_lo)
     hi = jnp.maximum(jnp.minimum(hi, s_hi), lo)
@@ -139,7 +148,7 @@ def kv_block_range(spec: MaskSpec, q_start, q_end, kv_end, block_q: int, block_k
         hi = jnp.where(q_start < q_end, hi, lo)
     full_lo = _clip(_cdiv(jnp.asarray(full_first, jnp.int32), block_k), lo, hi)
     full_hi = _clip(lax.div(jnp.maximum(full_last, 0), block_k), full_lo, hi)
-    return _with_segments((lo, full_lo, full_hi, hi), segment_range)
+    return _with_segments(spec, (lo, full_lo, full_hi, hi), segment_range)
 
 
 def q_block_range(spec: MaskSpec, k_start, q_end, kv_end, block_q: int, block_k: int,
@@ -170,7 +179,7 @@ def q_block_range(spec: MaskSpec, k_start, q_end, kv_end, block_q: int, block_k:
     keys_valid = k_start + block_k <= kv_end
     full_hi = jnp.where(keys_valid, hi if full_hi is None else full_hi, full_lo)
     full_hi = _clip(full_hi, full_lo, hi)
-    return _with_segments((lo, full_lo, full_hi, hi), segment_range)
+    return _with_segments(spec, (lo, full_lo, full_hi, hi), segment_range)
 
 
 def _block_min_max(ids, block: int):
