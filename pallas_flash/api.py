@@ -82,7 +82,7 @@ def _soft_cap(cap):
     return float(cap)
 
 
-def _kernel_unsupported(query, bias, mask, scale) -> str | None:
+def _kernel_unsupported(query, scale) -> str | None:
     """Why the Pallas kernel cannot take this call yet (None: it can)."""
     if query.dtype not in _KERNEL_DTYPES:
         return f"the Pallas kernel supports float16, bfloat16 and float32, got {query.dtype}"
@@ -186,6 +186,9 @@ def dot_product_attention(
     if bias is not None:
         bias = _as_4d(bias, "bias")
         _check_broadcastable(bias, (B, N, T, S), "bias")
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            # An integer bias has no gradient dtype of its own; the logits are float32 anyway.
+            bias = bias.astype(jnp.float32)
     if mask is not None:
         mask = _as_4d(mask, "mask")
         if mask.dtype != jnp.bool_:
@@ -201,9 +204,9 @@ def dot_product_attention(
 
     use_kernel = implementation == "triton"
     if implementation is None and _on_gpu():
-        use_kernel = _kernel_unsupported(q, bias, mask, scale) is None
+        use_kernel = _kernel_unsupported(q, scale) is None
     if use_kernel:
-        reason = _kernel_unsupported(q, bias, mask, scale)
+        reason = _kernel_unsupported(q, scale)
         if reason is not None:
             raise NotImplementedError(reason)
         spec = MaskSpec(q_len=T, kv_len=S, is_causal=bool(is_causal), window=window,

@@ -124,17 +124,18 @@ def test_packed_documents_equal_separate_runs(rng):
         return pallas_flash.dot_product_attention(q, k, v, is_causal=True, implementation="triton",
                                                   config=SMALL_BLOCKS, **segments)
 
+    # Jitted: eager interpret mode runs the kernels op by op, many times slower.
     packed_ids = dict(query_segment_ids=ids, key_value_segment_ids=ids)
-    packed_out = attend(q, k, v, **packed_ids)
-    packed = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, **packed_ids) * d_out),
-                      argnums=(0, 1, 2))(q, k, v)
+    packed_out = jax.jit(lambda q, k, v: attend(q, k, v, **packed_ids))(q, k, v)
+    packed = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, **packed_ids) * d_out),
+                              argnums=(0, 1, 2)))(q, k, v)
     start = 0
     for n in lengths:
         part = slice(start, start + n)
         qs, ks, vs, ds = q[:, part], k[:, part], v[:, part], d_out[:, part]
         alone = lambda q, k, v, ds=ds: jnp.sum(attend(q, k, v) * ds)
-        np.testing.assert_allclose(packed_out[:, part], attend(qs, ks, vs), rtol=1e-5, atol=1e-5)
-        for got, want in zip(packed, jax.grad(alone, argnums=(0, 1, 2))(qs, ks, vs)):
+        np.testing.assert_allclose(packed_out[:, part], jax.jit(attend)(qs, ks, vs), rtol=1e-5, atol=1e-5)
+        for got, want in zip(packed, jax.jit(jax.grad(alone, argnums=(0, 1, 2)))(qs, ks, vs)):
             np.testing.assert_allclose(got[:, part], want, rtol=1e-4, atol=1e-5)
         start += n
 
@@ -202,7 +203,7 @@ def test_bias_and_mask_match_reference(rng, name):
             return pallas_flash.dot_product_attention(
                 q, k, v, bias, mask, implementation=impl, return_residual=True,
                 config=SMALL_BLOCKS if impl == "triton" else None, **kw)
-        return fn
+        return jax.jit(fn)
 
     with jax.default_matmul_precision("highest"):
         (out, lse), (ref_out, ref_lse) = attend("triton")(q, k, v, bias), attend("xla")(q, k, v, bias)
@@ -211,7 +212,8 @@ def test_bias_and_mask_match_reference(rng, name):
         np.testing.assert_array_equal(np.asarray(lse)[~finite], -np.inf)
         np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-5, atol=1e-5)
         argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-        grad = lambda impl: jax.grad(lambda *a: jnp.sum(attend(impl)(*a)[0] * d_out), argnums)(q, k, v, bias)
+        grad = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(attend(impl)(*a)[0] * d_out), argnums))(
+            q, k, v, bias)
         for name_, got, want in zip("qkvb", grad("triton"), grad("xla")):
             assert got.shape == want.shape, name_
             assert rel_err(got, want) < 1e-4, name_
