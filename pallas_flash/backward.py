@@ -198,8 +198,12 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
         ds = _soft_cap_grad(ds, tanh)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
+    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k,
+                                         segment_range=load_segment_range(seg_range_ref))
     if ds_ref is not None:
         # Skipped tiles are never visited, but their (zero) bias gradient must still be written.
+        # Only those outside the visited range [lo, hi): a tile stored twice by one program could
+        # land in either order on a GPU, whose threads need not own the same elements both times.
         zeros = jnp.zeros((block_q, block_k), jnp.float32)
 
         def zero_fill(kb, carry):
@@ -208,9 +212,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
                        first_col=kb * block_k, valid_cols=kv_tail)
             return carry
 
-        lax.fori_loop(0, pl.cdiv(spec.kv_len, block_k), zero_fill, 0)
-    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k,
-                                         segment_range=load_segment_range(seg_range_ref))
+        lax.fori_loop(0, block_range[0], zero_fill, 0)
+        lax.fori_loop(block_range[3], pl.cdiv(spec.kv_len, block_k), zero_fill, 0)
     dq = masking.run_blocks(body, jnp.zeros((block_q, statics.head_dim_padded), jnp.float32), block_range)
     store_tile(dq_ref, (dq * statics.scale).astype(dq_ref.dtype), valid_cols=head_dim, **tile)
 
