@@ -59,10 +59,31 @@ def _lengths(lengths, batch: int, name: str):
     return lengths.astype(jnp.int32)
 
 
-def _kernel_unsupported(query, bias, mask, scale) -> str | None:
+def _segment_ids(q_ids, kv_ids, batch: int, T: int, S: int):
+    if q_ids is None and kv_ids is None:
+        return None
+    if q_ids is None or kv_ids is None:
+        raise ValueError("query_segment_ids and key_value_segment_ids must be given together (both or "
+                         "neither)")
+    q_ids, kv_ids = jnp.asarray(q_ids), jnp.asarray(kv_ids)
+    for name, ids, length in (("query_segment_ids", q_ids, T), ("key_value_segment_ids", kv_ids, S)):
+        if ids.shape != (batch, length) or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array of shape (B, {'T' if length == T else 'S'})"
+                             f" = ({batch}, {length}), got {name}.shape={ids.shape} dtype={ids.dtype}")
+    return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+
+
+def _soft_cap(cap):
+    if cap is None:
+        return None
+    if (isinstance(cap, bool) or not isinstance(cap, (int, float, np.integer, np.floating))
+            or not math.isfinite(cap) or cap <= 0):
+        raise ValueError(f"logits_soft_cap must be a positive finite Python number or None, got {cap!r}")
+    return float(cap)
+
+
+def _kernel_unsupported(query, scale) -> str | None:
     """Why the Pallas kernel cannot take this call yet (None: it can)."""
-    if bias is not None or mask is not None:
-        return "bias and mask arrays are not supported by the Pallas kernel yet"
     if query.dtype not in _KERNEL_DTYPES:
         return f"the Pallas kernel supports float16, bfloat16 and float32, got {query.dtype}"
     if query.shape[-1] > MAX_HEAD_DIM:
@@ -88,6 +109,9 @@ def dot_product_attention(
     query_seq_lengths: ArrayLike | None = None,
     key_value_seq_lengths: ArrayLike | None = None,
     local_window_size: int | tuple[int, int] | None = None,
+    query_segment_ids: ArrayLike | None = None,
+    key_value_segment_ids: ArrayLike | None = None,
+    logits_soft_cap: float | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
     config: FlashConfig | None = None,
@@ -100,7 +124,9 @@ def dot_product_attention(
 
     Args:
       query, key, value: floating arrays of one dtype.
-      bias, mask: additive bias / boolean mask broadcastable to ``[B, N, T, S]`` (``xla`` only for now).
+      bias, mask: additive bias / boolean mask (True: attend) broadcastable to ``[B, N, T, S]``; the
+        kernel reads them in their broadcast-reduced shape, tile by tile, and returns the bias
+        gradient summed over its broadcast dims. The bias is added after the soft cap.
       scale: logit scale; ``1/sqrt(H)`` when None.
       is_causal: query ``i`` sees keys ``j <= i``, aligned at the top left as in jax.nn, also when
         ``T != S``. With T=3, S=5::
@@ -113,6 +139,11 @@ def dot_product_attention(
       query_seq_lengths, key_value_seq_lengths: ``(B,)`` integer valid lengths; rows past the query
         length return zeros, keys past the key length are masked.
       local_window_size: ``w`` or ``(left, right)``: query ``i`` sees keys ``i-left <= j <= i+right``.
+      query_segment_ids, key_value_segment_ids: ``[B, T]`` / ``[B, S]`` integer ids of packed
+        sequences (both or neither; not in jax.nn): query ``i`` sees key ``j`` only if their ids are
+        equal. Any ids are exact; whole blocks are skipped best when ids are non-decreasing per row.
+      logits_soft_cap: ``cap > 0`` or None (not in jax.nn): logits become ``cap * tanh(logits / cap)``
+        after the scale and before the bias and every mask (Gemma 2 order).
       implementation: ``"triton"`` (the Pallas kernel; interpret mode, slow, when no GPU is present),
         ``"xla"`` (the pure-jnp float32 reference, O(T*S) memory) or None: the kernel on a GPU when it
         supports the call, else ``"xla"``.
@@ -155,6 +186,9 @@ def dot_product_attention(
     if bias is not None:
         bias = _as_4d(bias, "bias")
         _check_broadcastable(bias, (B, N, T, S), "bias")
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            # An integer bias has no gradient dtype of its own; the logits are float32 anyway.
+            bias = bias.astype(jnp.float32)
     if mask is not None:
         mask = _as_4d(mask, "mask")
         if mask.dtype != jnp.bool_:
@@ -164,25 +198,35 @@ def dot_product_attention(
     q_lengths = _lengths(query_seq_lengths, B, "query_seq_lengths")
     kv_lengths = _lengths(key_value_seq_lengths, B, "key_value_seq_lengths")
     window = _window(local_window_size)
+    segments = _segment_ids(query_segment_ids, key_value_segment_ids, B, T, S)
+    soft_cap = _soft_cap(logits_soft_cap)
     scale = 1.0 / math.sqrt(H) if scale is None else scale
 
     use_kernel = implementation == "triton"
     if implementation is None and _on_gpu():
-        use_kernel = _kernel_unsupported(q, bias, mask, scale) is None
+        use_kernel = _kernel_unsupported(q, scale) is None
     if use_kernel:
-        reason = _kernel_unsupported(q, bias, mask, scale)
+        reason = _kernel_unsupported(q, scale)
         if reason is not None:
             raise NotImplementedError(reason)
         spec = MaskSpec(q_len=T, kv_len=S, is_causal=bool(is_causal), window=window,
-                        has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None)
+                        has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
+                        has_segment_ids=segments is not None, has_mask=mask is not None,
+                        soft_cap=soft_cap)
         tuning = config or default_config(q_len=T, kv_len=S, head_dim=H, dtype_bytes=q.dtype.itemsize)
         statics = FlashStatics(mask=spec, scale=float(scale), head_dim=H, tuning=tuning,
                                interpret=not _on_gpu())
-        out, lse2 = flash_attention(statics, q, k, v, q_lengths, kv_lengths)
+        # Broadcast dims stay size 1 all the way into the kernels; int8 because Triton has no
+        # boolean loads.
+        kernel_mask = None if mask is None else mask.astype(jnp.int8)
+        out, lse2 = flash_attention(statics, q, k, v, q_lengths, kv_lengths, segments, bias, kernel_mask)
         lse = jnp.transpose(lse2, (0, 2, 1)) * math.log(2.0)  # base 2 -> natural, [B, T, N]
     else:
         out, lse = reference.attention(q, k, v, bias, mask, scale=scale, is_causal=bool(is_causal),
-                                       window=window, q_lengths=q_lengths, kv_lengths=kv_lengths)
+                                       window=window, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                       soft_cap=soft_cap,
+                                       q_segment_ids=None if segments is None else segments[0],
+                                       kv_segment_ids=None if segments is None else segments[1])
     out = out.reshape(output_shape)
     if not return_residual:
         return out

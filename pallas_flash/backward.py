@@ -26,7 +26,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_flash import masking
 from pallas_flash.config import FlashStatics
-from pallas_flash.forward import LOG2_E, _length_spec, dot_precision, sequence_bounds
+from pallas_flash.forward import (_length_spec, add_bias, dot_precision, load_logit_tile,
+                                  load_segment_range, load_segments, logit_array_spec, scaled_logits,
+                                  segment_specs, sequence_bounds)
 from pallas_flash.tiles import load_tile, store_tile
 
 
@@ -43,13 +45,53 @@ def _delta_kernel(o_ref, do_ref, delta_ref, *, block_q: int, q_len: int, head_di
     store_tile(delta_ref, jnp.sum(o * do, axis=1), first_row=q_start, valid_rows=tail)
 
 
+def _soft_cap_grad(ds, tanh):
+    """Chain rule through ``cap * tanh(x / cap)``: its derivative is ``1 - tanh^2``."""
+    return ds if tanh is None else ds * (1.0 - tanh * tanh)
+
+
+def _load_logit_tile_t(ref, g, *, q_rows, q_start, q_tail, k_start, kv_tail):
+    """The dK/dV kernel's ``[block_k | 1, block_q | 1]`` (transposed) tile of a bias or mask laid
+    out ``[G | 1, T | 1, block_k | 1]`` for this program, at query head ``g`` of the group."""
+    if ref is None:
+        return None
+    # A traced index even for a broadcast head: a Python int index trips interpret mode's loads.
+    head = g if ref.shape[0] > 1 else jnp.asarray(0, jnp.int32)
+    rows_bcast, cols_bcast = ref.shape[1] == 1, ref.shape[2] == 1
+    view = ref.at[head] if rows_bcast else ref.at[head, q_rows, :]
+    tile = load_tile(view, first_row=q_start, valid_rows=None if rows_bcast else q_tail,
+                     first_col=None if cols_bcast else k_start,
+                     valid_cols=None if cols_bcast else kv_tail, other=0)
+    return tile.T
+
+
+def _dkdv_logit_spec(x, q_rows: int, block_k: int):
+    """BlockSpec of a bias or mask reshaped ``[B|1, K|1, G|1, T|1, S|1]`` for the dK/dV grid
+    ``(key block, batch, K/V head)``: every query head of the group, broadcast dims at block 0."""
+    if x is None:
+        return None
+    Bb, Kb, Gb, Tb, Sb = x.shape
+    shape = (None, None, Gb, q_rows if Tb > 1 else 1, block_k if Sb > 1 else 1)
+    return pl.BlockSpec(shape, lambda j, b, h: (b if Bb > 1 else 0, h if Kb > 1 else 0, 0, 0,
+                                                j if Sb > 1 else 0))
+
+
+def _group_heads(x, num_heads: int, kv_heads: int):
+    """``[B|1, N|1, T|1, S|1]`` -> ``[B|1, K|1, G|1, T|1, S|1]`` (a free reshape)."""
+    if x is None:
+        return None
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], kv_heads, num_heads // kv_heads, *x.shape[2:])
+
+
 def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref,
-                 dk_ref, dv_ref, *, statics: FlashStatics):
+                 kv_seg_ref, q_seg_ref, seg_range_ref, bias_ref, mask_ref, dk_ref, dv_ref, *,
+                 statics: FlashStatics):
     spec, tuning = statics.mask, statics.tuning
     block_q, block_k = tuning.block_q_dkv, tuning.block_k_dkv
     head_dim, groups = statics.head_dim, q_ref.shape[1]
     precision = dot_precision(q_ref.dtype)
-    scale_log2 = statics.scale * LOG2_E
 
     k_start = pl.program_id(0) * block_k
     q_end, kv_end = sequence_bounds(statics, q_lengths_ref, kv_lengths_ref)
@@ -58,7 +100,10 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref,
     k = load_tile(k_ref, first_row=k_start, valid_rows=kv_tail, valid_cols=head_dim)
     v = load_tile(v_ref, first_row=k_start, valid_rows=kv_tail, valid_cols=head_dim)
     k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[:, None]
-    block_range = masking.q_block_range(spec, k_start, q_end, kv_end, block_q, block_k)
+    k_seg = load_segments(kv_seg_ref, first_row=k_start, valid_rows=kv_tail)
+    k_seg = None if k_seg is None else k_seg[:, None]
+    block_range = masking.q_block_range(spec, k_start, q_end, kv_end, block_q, block_k,
+                                        segment_range=load_segment_range(seg_range_ref))
 
     def head(g, carry):
         def body(qb, carry, *, masked):
@@ -70,17 +115,24 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref,
             do = load_tile(do_ref.at[rows, g, :], valid_cols=head_dim, **tile)
             lse = _load_lse(lse_ref.at[g, rows], **tile)
             delta = load_tile(delta_ref.at[g, rows], **tile)
-            s_t = plgpu.dot(k, q, trans_b=True, precision=precision) * scale_log2  # [bk, bq]
+            s_t, tanh_t = scaled_logits(statics, plgpu.dot(k, q, trans_b=True, precision=precision))
+            logit_tile = dict(q_rows=rows, q_start=q_start, q_tail=q_tail, k_start=k_start,
+                              kv_tail=kv_tail)
+            s_t = add_bias(s_t, _load_logit_tile_t(bias_ref, g, **logit_tile))
             if masked:
                 q_pos = (q_start + jnp.arange(block_q, dtype=jnp.int32))[None, :]
-                visible = masking.tile_mask(spec, q_pos, k_pos, kv_end,
+                q_seg = None
+                if q_seg_ref is not None:
+                    q_seg = load_segments(q_seg_ref.at[rows], first_row=q_start, valid_rows=q_tail)[None, :]
+                visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
+                                            mask_tile=_load_logit_tile_t(mask_ref, g, **logit_tile),
                                             check_kv_end=spec.needs_kv_bound(block_k))
                 if visible is not None:
                     s_t = jnp.where(visible, s_t, masking.MASK_VALUE)
             p_t = jnp.exp2(s_t - lse[None, :])
             dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=precision)
             dp_t = plgpu.dot(v, do, trans_b=True, precision=precision)
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = _soft_cap_grad(p_t * (dp_t - delta[None, :]), tanh_t)
             dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
             return dk, dv
 
@@ -95,12 +147,14 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref,
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref,
-               dq_ref, *, statics: FlashStatics):
+               q_seg_ref, kv_seg_ref, seg_range_ref, bias_ref, mask_ref, dq_ref, ds_ref=None, *,
+               statics: FlashStatics):
+    """``ds_ref`` (with a bias only) receives the logit gradient of every tile, ``[block_q, S]`` per
+    program: the bias gradient before its broadcast dims are summed."""
     spec, tuning = statics.mask, statics.tuning
     block_q, block_k = tuning.block_q_dq, tuning.block_k_dq
     head_dim = statics.head_dim
     precision = dot_precision(q_ref.dtype)
-    scale_log2 = statics.scale * LOG2_E
 
     q_start = pl.program_id(0) * block_q
     q_end, kv_end = sequence_bounds(statics, q_lengths_ref, kv_lengths_ref)
@@ -112,6 +166,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
     lse = _load_lse(lse_ref, **tile)
     delta = load_tile(delta_ref, **tile)
     q_pos = (q_start + jnp.arange(block_q, dtype=jnp.int32))[:, None]
+    q_seg = load_segments(q_seg_ref, first_row=q_start, valid_rows=q_tail)
+    q_seg = None if q_seg is None else q_seg[:, None]
 
     def body(kb, dq, *, masked):
         k_start = kb * block_k
@@ -119,25 +175,53 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
         tail = kv_tail if masked else None
         k = load_tile(k_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
         v = load_tile(v_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [bq, bk]
+        s, tanh = scaled_logits(statics, plgpu.dot(q, k, trans_b=True, precision=precision))
+        logit_tile = dict(q_start=q_start, q_tail=q_tail, k_cols=rows, k_start=k_start,
+                          kv_tail=kv_tail)
+        s = add_bias(s, load_logit_tile(bias_ref, **logit_tile))
         if masked:
             k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
-            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end,
+            k_seg = None
+            if kv_seg_ref is not None:
+                k_seg = load_segments(kv_seg_ref.at[rows], first_row=k_start, valid_rows=kv_tail)[None, :]
+            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
+                                        mask_tile=load_logit_tile(mask_ref, **logit_tile),
                                         check_kv_end=spec.needs_kv_bound(block_k))
             if visible is not None:
                 s = jnp.where(visible, s, masking.MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         dp = plgpu.dot(do, v, trans_b=True, precision=precision)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None])  # d loss / d (capped logit + bias)
+        if ds_ref is not None:
+            store_tile(ds_ref.at[:, rows], ds, first_row=q_start, valid_rows=q_tail, first_col=k_start,
+                       valid_cols=kv_tail)
+        ds = _soft_cap_grad(ds, tanh)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
-    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k)
+    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k,
+                                         segment_range=load_segment_range(seg_range_ref))
+    if ds_ref is not None:
+        # Skipped tiles are never visited, but their (zero) bias gradient must still be written.
+        # Only those outside the visited range [lo, hi): a tile stored twice by one program could
+        # land in either order on a GPU, whose threads need not own the same elements both times.
+        zeros = jnp.zeros((block_q, block_k), jnp.float32)
+
+        def zero_fill(kb, carry):
+            cols = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
+            store_tile(ds_ref.at[:, cols], zeros, first_row=q_start, valid_rows=q_tail,
+                       first_col=kb * block_k, valid_cols=kv_tail)
+            return carry
+
+        lax.fori_loop(0, block_range[0], zero_fill, 0)
+        lax.fori_loop(block_range[3], pl.cdiv(spec.kv_len, block_k), zero_fill, 0)
     dq = masking.run_blocks(body, jnp.zeros((block_q, statics.head_dim_padded), jnp.float32), block_range)
     store_tile(dq_ref, (dq * statics.scale).astype(dq_ref.dtype), valid_cols=head_dim, **tile)
 
 
-def flash_backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, *, statics: FlashStatics):
-    """Returns ``(dq, dk, dv)`` for the forward's ``(out, lse2)`` and the output cotangent."""
+def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse, d_out, *,
+                   statics: FlashStatics):
+    """Returns ``(dq, dk, dv, dbias)`` for the forward's ``(out, lse2)`` and the output cotangent;
+    ``segments``, ``bias`` and ``mask`` as in `forward.flash_forward`; dbias is None without a bias."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     groups = N // K
@@ -167,12 +251,16 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, *, statics: 
     grouped_spec = pl.BlockSpec((None, q_rows, None, groups, padded), lambda j, b, h: (b, 0, h, 0, 0))
     grouped_rows_spec = pl.BlockSpec((None, None, groups, q_rows), lambda j, b, h: (b, h, 0, 0))
     kv_spec = pl.BlockSpec((None, block_k_dkv, None, padded), lambda j, b, h: (b, j, h, 0))
+    dkdv_seg_arrays, dkdv_seg_specs = segment_specs(
+        None if segments is None else segments[::-1], block_k_dkv, block_q_dkv, q_rows, lambda j: j)
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, statics=statics),
         grid=(pl.cdiv(S, block_k_dkv), B, K),
         in_specs=[grouped_spec, grouped_spec, grouped_rows_spec, grouped_rows_spec, kv_spec, kv_spec,
                   _length_spec(q_lengths, lambda j, b, h: (b,)),
-                  _length_spec(kv_lengths, lambda j, b, h: (b,))],
+                  _length_spec(kv_lengths, lambda j, b, h: (b,)), *dkdv_seg_specs,
+                  _dkdv_logit_spec(_group_heads(bias, N, K), q_rows, block_k_dkv),
+                  _dkdv_logit_spec(_group_heads(mask, N, K), q_rows, block_k_dkv)],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps_bwd,
@@ -180,22 +268,36 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, *, statics: 
         interpret=interpret,
         name="pallas_flash_backward_dkdv",
     )(q.reshape(B, T, K, groups, H), d_out.reshape(B, T, K, groups, H),
-      lse.reshape(B, K, groups, T), delta.reshape(B, K, groups, T), k, v, q_lengths, kv_lengths)
+      lse.reshape(B, K, groups, T), delta.reshape(B, K, groups, T), k, v, q_lengths, kv_lengths,
+      *dkdv_seg_arrays, _group_heads(bias, N, K), _group_heads(mask, N, K))
 
     block_k_dq = tuning.block_k_dq
     kv_rows = pl.cdiv(S, block_k_dq) * block_k_dq
     full_kv_spec = pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0))
+    dq_seg_arrays, dq_seg_specs = segment_specs(segments, block_q, block_k_dq, kv_rows, lambda i: i)
+    out_specs, out_shape = tile_spec, jax.ShapeDtypeStruct(q.shape, q.dtype)
+    if bias is not None:
+        # The full [B, N, T, S] logit gradient: O(T * S), but only because the bias itself may be.
+        out_specs = [tile_spec, pl.BlockSpec((None, None, block_q, kv_rows), lambda i, b, n: (b, n, i, 0))]
+        out_shape = [out_shape, jax.ShapeDtypeStruct((B, N, T, S), jnp.float32)]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, statics=statics),
         grid=(num_q_blocks, B, N),
         in_specs=[tile_spec, tile_spec, row_spec, row_spec, full_kv_spec, full_kv_spec,
                   _length_spec(q_lengths, lambda i, b, n: (b,)),
-                  _length_spec(kv_lengths, lambda i, b, n: (b,))],
-        out_specs=tile_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  _length_spec(kv_lengths, lambda i, b, n: (b,)), *dq_seg_specs,
+                  logit_array_spec(bias, block_q, kv_rows, lambda i: i),
+                  logit_array_spec(mask, block_q, kv_rows, lambda i: i)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps_bwd,
                                              num_stages=tuning.num_stages_bwd),
         interpret=interpret,
         name="pallas_flash_backward_dq",
-    )(q, d_out, lse, delta, k, v, q_lengths, kv_lengths)
-    return dq, dk, dv
+    )(q, d_out, lse, delta, k, v, q_lengths, kv_lengths, *dq_seg_arrays, bias, mask)
+    if bias is None:
+        return dq, dk, dv, None
+    dq, ds = dq
+    broadcast = tuple(d for d in range(4) if bias.shape[d] == 1 and ds.shape[d] != 1)
+    dbias = jnp.sum(ds, axis=broadcast, keepdims=True).astype(bias.dtype)
+    return dq, dk, dv, dbias

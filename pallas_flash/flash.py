@@ -16,23 +16,25 @@ from pallas_flash.forward import flash_forward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_attention(statics: FlashStatics, q, k, v, q_lengths, kv_lengths):
+def flash_attention(statics: FlashStatics, q, k, v, q_lengths, kv_lengths, segments, bias, mask):
     """Returns ``(out, lse2)``; see `forward.flash_forward`."""
-    return flash_forward(q, k, v, q_lengths, kv_lengths, statics=statics)
+    return flash_forward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, statics=statics)
 
 
-def _flash_attention_fwd(statics, q, k, v, q_lengths, kv_lengths):
-    out, lse = flash_forward(q, k, v, q_lengths, kv_lengths, statics=statics)
-    return (out, lse), (q, k, v, q_lengths, kv_lengths, out, lse)
+def _flash_attention_fwd(statics, q, k, v, q_lengths, kv_lengths, segments, bias, mask):
+    out, lse = flash_forward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, statics=statics)
+    return (out, lse), (q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse)
 
 
 def _flash_attention_bwd(statics, residuals, cotangents):
-    q, k, v, q_lengths, kv_lengths, out, lse = residuals
+    q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse = residuals
     # The log-sum-exp is returned as a residual, not as a differentiable output (as in jax.nn),
     # so its cotangent is ignored.
     d_out, _ = cotangents
-    dq, dk, dv = flash_backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, statics=statics)
-    return dq, dk, dv, None, None
+    dq, dk, dv, dbias = flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out,
+                                       lse, d_out, statics=statics)
+    # Integer and boolean inputs (lengths, segment ids, the mask) have no cotangent.
+    return dq, dk, dv, None, None, None, dbias, None
 
 
 flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)

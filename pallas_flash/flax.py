@@ -15,9 +15,9 @@ or use `MultiHeadAttention` / `MultiHeadDotProductAttention` from this module in
 What it does with each keyword flax passes:
 
 * ``is_causal``: handled by the kernel (no mask array is built).
-* ``mask`` / ``bias``: honoured; the Pallas kernel cannot take arrays yet, so with
-  ``implementation=None`` such a call runs the pure-jnp path (correct, but O(T*S) memory) and with
-  ``implementation="triton"`` it raises NotImplementedError.
+* ``mask`` / ``bias``: honoured, by the kernel too (it reads them tile by tile in their broadcast
+  shape; a full ``[T, S]`` mask array still costs O(T*S) memory to hold, and a mask array disables
+  the kernel's mask-free fast path, so prefer ``is_causal`` to a causal mask).
 * ``dtype``: query, key and value are cast to it (flax's own attention does the same promotion).
 * ``dropout_rate`` with ``deterministic=False``: NotImplementedError -- the fused kernel never forms
   the attention-probability matrix that dropout would act on.
@@ -138,7 +138,8 @@ def make_attention_fn(*, is_causal: bool = False, implementation: str | None = N
     """`attention_fn` with a fixed implementation/config, and causal masking switched on.
 
     ``is_causal=True`` is meant for linen, whose attention layers have no ``is_causal`` argument:
-    it replaces ``nn.make_causal_mask`` (a mask array would keep the call off the kernel). It ORs
+    it replaces ``nn.make_causal_mask`` (a mask array would cost O(T*S) memory and the kernel's
+    mask-free fast path). It ORs
     with the ``is_causal`` an nnx layer passes, so do not combine it with nnx's ``decode=True``
     cache, whose single-query steps must not be causally masked.
     """

@@ -36,6 +36,66 @@ def dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def scaled_logits(statics: FlashStatics, dots):
+    """Base-2 logits of a tile of raw ``q . k`` dots, and ``tanh(scale * dots / cap)`` when soft-capped
+    (the backward's chain rule needs it: d logits / d dots = scale * (1 - tanh^2)), else None.
+
+    The soft cap comes after the scale and before any mask, as in Gemma 2; masked logits are then
+    replaced whole, so the cap never sees MASK_VALUE.
+    """
+    cap = statics.mask.soft_cap
+    if cap is None:
+        return dots * (statics.scale * LOG2_E), None
+    t = jnp.tanh(dots * (statics.scale / cap))
+    return t * (cap * LOG2_E), t
+
+
+def add_bias(s, bias_tile):
+    """Adds a natural-log bias tile to base-2 logits. Clamping at MASK_VALUE turns a -inf bias (an
+    additive mask) into a masked logit, so a row of -inf keeps a finite max and stays NaN-free."""
+    if bias_tile is None:
+        return s
+    return jnp.maximum(s + bias_tile.astype(jnp.float32) * LOG2_E, masking.MASK_VALUE)
+
+
+def load_logit_tile(ref, *, q_start, q_tail, k_cols, k_start, kv_tail, other=0):
+    """The ``[block_q | 1, block_k | 1]`` tile of a bias or mask array at key columns ``k_cols``
+    (a ``pl.ds``), or None without one. A dimension of size 1 is a broadcast dimension (its BlockSpec
+    always points at block 0), so its one row or column serves the whole tile; rows and columns
+    past the sequence ends read as ``other``."""
+    if ref is None:
+        return None
+    rows_bcast, cols_bcast = ref.shape[0] == 1, ref.shape[1] == 1
+    view = ref if cols_bcast else ref.at[:, k_cols]
+    return load_tile(view, first_row=q_start, valid_rows=None if rows_bcast else q_tail,
+                     first_col=None if cols_bcast else k_start,
+                     valid_cols=None if cols_bcast else kv_tail, other=other)
+
+
+def logit_array_spec(x, block_q: int, kv_rows: int, q_block):
+    """BlockSpec of a ``[B|1, N|1, T|1, S|1]`` bias or mask for a grid ``(q block, batch, head)``:
+    broadcast dimensions stay size 1 and map to block 0, so the broadcast is never materialised."""
+    if x is None:
+        return None
+    Bb, Nb, Tb, Sb = x.shape
+    shape = (None, None, block_q if Tb > 1 else 1, kv_rows if Sb > 1 else 1)
+    return pl.BlockSpec(shape, lambda i, b, n: (b if Bb > 1 else 0, n if Nb > 1 else 0,
+                                                q_block(i) if Tb > 1 else 0, 0))
+
+
+def load_segments(ref, *, first_row, valid_rows):
+    """A tile of segment ids; rows past the sequence end read as -1 (they are masked elsewhere, but
+    Triton loads have no bounds check, so they must not be read at all)."""
+    if ref is None:
+        return None
+    return load_tile(ref, first_row=first_row, valid_rows=valid_rows, other=-1)
+
+
+def load_segment_range(ref):
+    """This program's `masking.segment_block_ranges` row, or None without segment ids."""
+    return None if ref is None else ref[...]
+
+
 def sequence_bounds(statics: FlashStatics, q_lengths_ref, kv_lengths_ref):
     """Valid query rows and key columns of this program's batch row."""
     spec = statics.mask
@@ -56,13 +116,12 @@ def q_block_index(statics: FlashStatics, i):
     return i
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, o_ref, lse_ref, *,
-                    statics: FlashStatics):
+def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, q_seg_ref, kv_seg_ref,
+                    seg_range_ref, bias_ref, mask_ref, o_ref, lse_ref, *, statics: FlashStatics):
     spec, tuning = statics.mask, statics.tuning
     block_q, block_k = tuning.block_q, tuning.block_k
     head_dim = statics.head_dim
     precision = dot_precision(q_ref.dtype)
-    scale_log2 = statics.scale * LOG2_E
 
     q_start = q_block_index(statics, pl.program_id(0)) * block_q
     q_end, kv_end = sequence_bounds(statics, q_lengths_ref, kv_lengths_ref)
@@ -71,6 +130,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, o_ref, l
 
     q = load_tile(q_ref, first_row=q_start, valid_rows=q_tail, valid_cols=head_dim)
     q_pos = (q_start + jnp.arange(block_q, dtype=jnp.int32))[:, None]
+    q_seg = load_segments(q_seg_ref, first_row=q_start, valid_rows=q_tail)
+    q_seg = None if q_seg is None else q_seg[:, None]
 
     def body(kb, carry, *, masked):
         acc, m_prev, l_prev = carry
@@ -78,10 +139,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, o_ref, l
         rows = pl.ds(pl.multiple_of(k_start, block_k), block_k)
         tail = kv_tail if masked else None
         k = load_tile(k_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [bq, bk], base 2
+        s, _ = scaled_logits(statics, plgpu.dot(q, k, trans_b=True, precision=precision))  # base 2
+        tile = dict(q_start=q_start, q_tail=q_tail, k_cols=rows, k_start=k_start, kv_tail=tail)
+        s = add_bias(s, load_logit_tile(bias_ref, **tile))
         if masked:
             k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
-            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end,
+            k_seg = None
+            if kv_seg_ref is not None:
+                k_seg = load_segments(kv_seg_ref.at[rows], first_row=k_start, valid_rows=kv_tail)[None, :]
+            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
+                                        mask_tile=load_logit_tile(mask_ref, **tile),
                                         check_kv_end=spec.needs_kv_bound(block_k))
             if visible is not None:
                 s = jnp.where(visible, s, masking.MASK_VALUE)
@@ -97,7 +164,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, o_ref, l
     carry = (jnp.zeros((block_q, padded), jnp.float32),
              jnp.full((block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
-    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k)
+    block_range = masking.kv_block_range(spec, q_start, q_end, kv_end, block_q, block_k,
+                                         segment_range=load_segment_range(seg_range_ref))
     acc, m, l = masking.run_blocks(body, carry, block_range)
 
     # A row that met no visible key kept m at -inf (no tile) or at MASK_VALUE (only masked tiles).
@@ -116,9 +184,30 @@ def _length_spec(lengths, index_map):
     return None if lengths is None else pl.BlockSpec((None,), index_map)
 
 
-def flash_forward(q, k, v, q_lengths, kv_lengths, *, statics: FlashStatics):
+def segment_specs(segments, block_outer: int, block_inner: int, inner_rows: int, outer_block):
+    """Inputs and BlockSpecs for the segment ids of a kernel whose programs own ``block_outer`` rows
+    of one side and loop over ``block_inner`` rows of the other.
+
+    ``segments`` is ``(outer_ids [B, L], inner_ids [B, M])`` or None; ``inner_rows`` is the padded
+    inner length; ``outer_block(i)`` maps the first grid index to a block (the grid is (i, b, head)).
+    Returns ``(arrays, specs)``: the outer ids tile, the whole inner id row and the per-outer-block
+    ranges of `masking.segment_block_ranges` (all None without segment ids).
+    """
+    if segments is None:
+        return (None, None, None), (None, None, None)
+    outer_ids, inner_ids = segments
+    ranges = masking.segment_block_ranges(outer_ids, inner_ids, block_outer, block_inner)
+    specs = (pl.BlockSpec((None, block_outer), lambda i, b, n: (b, outer_block(i))),
+             pl.BlockSpec((None, inner_rows), lambda i, b, n: (b, 0)),
+             pl.BlockSpec((None, None, 4), lambda i, b, n: (b, outer_block(i), 0)))
+    return (outer_ids, inner_ids, ranges), specs
+
+
+def flash_forward(q, k, v, q_lengths, kv_lengths, segments=None, bias=None, mask=None, *,
+                  statics: FlashStatics):
     """Returns ``(out [B, T, N, H], lse2 [B, N, T] float32)``; lse2 is the base-2 log-sum-exp of the
-    scaled logits, -inf on rows that see no key."""
+    scaled logits, -inf on rows that see no key. ``segments`` is ``(q_ids [B, T], kv_ids [B, S])``
+    int32 or None; ``bias``/``mask`` are ``[B|1, N|1, T|1, S|1]`` (the mask as int8) or None."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     groups = N // K
@@ -130,12 +219,16 @@ def flash_forward(q, k, v, q_lengths, kv_lengths, *, statics: FlashStatics):
     q_block = functools.partial(q_block_index, statics)
 
     kernel = functools.partial(_forward_kernel, statics=statics)
+    seg_arrays, seg_specs = segment_specs(segments, block_q, block_k, kv_rows, q_block)
     in_specs = [
         pl.BlockSpec((None, block_q, None, padded), lambda i, b, n: (b, q_block(i), n, 0)),
         pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0)),
         pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0)),
         _length_spec(q_lengths, lambda i, b, n: (b,)),
         _length_spec(kv_lengths, lambda i, b, n: (b,)),
+        *seg_specs,
+        logit_array_spec(bias, block_q, kv_rows, q_block),
+        logit_array_spec(mask, block_q, kv_rows, q_block),
     ]
     out_specs = [
         pl.BlockSpec((None, block_q, None, padded), lambda i, b, n: (b, q_block(i), n, 0)),
@@ -152,4 +245,4 @@ def flash_forward(q, k, v, q_lengths, kv_lengths, *, statics: FlashStatics):
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=statics.interpret,
         name="pallas_flash_forward",
-    )(q, k, v, q_lengths, kv_lengths)
+    )(q, k, v, q_lengths, kv_lengths, *seg_arrays, bias, mask)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 
-def visibility(T: int, S: int, *, is_causal=False, window=None, q_lengths=None, kv_lengths=None):
+def visibility(T: int, S: int, *, is_causal=False, window=None, q_lengths=None, kv_lengths=None,
+               q_segment_ids=None, kv_segment_ids=None):
     """The boolean ``[B or 1, 1, T, S]`` mask of `masking`'s rules, built in full."""
     i = jnp.arange(T)[:, None]
     j = jnp.arange(S)[None, :]
@@ -27,12 +28,24 @@ def visibility(T: int, S: int, *, is_causal=False, window=None, q_lengths=None, 
         vis = vis & (i < q_lengths[:, None, None])[:, None]
     if kv_lengths is not None:
         vis = vis & (j < kv_lengths[:, None, None])[:, None]
+    if q_segment_ids is not None:
+        vis = vis & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
     return vis
 
 
+def soft_capped(logits, soft_cap):
+    """``soft_cap * tanh(logits / soft_cap)``; the identity when ``soft_cap`` is None."""
+    return logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
+
+
 def attention(query, key, value, bias=None, mask=None, *, scale: float, is_causal=False,
-              window=None, q_lengths=None, kv_lengths=None):
-    """Returns ``(out, lse)``. Inputs as validated by the API: 4-D, K/V heads dividing query heads."""
+              window=None, q_lengths=None, kv_lengths=None, soft_cap=None, q_segment_ids=None,
+              kv_segment_ids=None):
+    """Returns ``(out, lse)``. Inputs as validated by the API: 4-D, K/V heads dividing query heads.
+
+    Logits are ``soft_cap(scale * q . k) + bias``, then masked: the soft cap comes before the bias
+    (Gemma 2 order), so a bias can still push a logit past the cap.
+    """
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     compute = jnp.promote_types(query.dtype, jnp.float32)
@@ -41,9 +54,11 @@ def attention(query, key, value, bias=None, mask=None, *, scale: float, is_causa
     k = jnp.repeat(key.astype(compute), N // K, axis=2)
     v = jnp.repeat(value.astype(compute), N // K, axis=2)
     logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, precision=jax.lax.Precision.HIGHEST) * scale
+    logits = soft_capped(logits, soft_cap)
     if bias is not None:
         logits = logits + bias.astype(compute)
-    vis = visibility(T, S, is_causal=is_causal, window=window, q_lengths=q_lengths, kv_lengths=kv_lengths)
+    vis = visibility(T, S, is_causal=is_causal, window=window, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     if mask is not None:
         vis = vis & mask
     vis = jnp.broadcast_to(vis, logits.shape)

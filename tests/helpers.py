@@ -33,16 +33,19 @@ def rel_err(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-2 * np.sqrt(ref.size)))
 
 
-def naive_lowp(q, k, v, *, scale, is_causal=False, window=None, q_lengths=None, kv_lengths=None):
+def naive_lowp(q, k, v, *, scale, is_causal=False, window=None, q_lengths=None, kv_lengths=None,
+               soft_cap=None, q_segment_ids=None, kv_segment_ids=None):
     """Attention as a plain implementation in the input dtype would do it: logits and
     probabilities rounded to the input dtype, softmax in float32."""
     dtype = q.dtype
     N, K = q.shape[2], k.shape[2]
     k = jnp.repeat(k, N // K, axis=2)
     v = jnp.repeat(v, N // K, axis=2)
-    logits = (jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale).astype(dtype)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = reference.soft_capped(logits, soft_cap).astype(dtype)
     vis = reference.visibility(q.shape[1], k.shape[1], is_causal=is_causal, window=window,
-                               q_lengths=q_lengths, kv_lengths=kv_lengths)
+                               q_lengths=q_lengths, kv_lengths=kv_lengths,
+                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     vis = jnp.broadcast_to(vis, logits.shape)
     x = jnp.where(vis, logits.astype(jnp.float32), -1e30)
     p = jnp.where(vis, jax.nn.softmax(x, axis=-1), 0.0).astype(dtype)

@@ -27,15 +27,19 @@ def _lengths(rng, B, n, *, include_zero):
 
 
 def check_case(rng, *, B, T, S, N, K, H, dtype, is_causal=False, window=None, q_lengths=False,
-               kv_lengths=False, config=None, grads=True):
+               kv_lengths=False, config=None, grads=True, soft_cap=None, segment_ids=None):
+    """``segment_ids`` is ``(q_ids [B, T], kv_ids [B, S])`` or None."""
     k_in, k_q, k_kv = jax.random.split(rng, 3)
     q, k, v, d_out = random_inputs(k_in, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
     ql = _lengths(k_q, B, T, include_zero=False) if q_lengths else None
     kvl = _lengths(k_kv, B, S, include_zero=True) if kv_lengths else None
     scale = 1.0 / math.sqrt(H)
-    masks = dict(is_causal=is_causal, window=window, q_lengths=ql, kv_lengths=kvl)
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    masks = dict(is_causal=is_causal, window=window, q_lengths=ql, kv_lengths=kvl, soft_cap=soft_cap,
+                 q_segment_ids=q_ids, kv_segment_ids=kv_ids)
     api_masks = dict(is_causal=is_causal, local_window_size=window, query_seq_lengths=ql,
-                     key_value_seq_lengths=kvl)
+                     key_value_seq_lengths=kvl, logits_soft_cap=soft_cap,
+                     query_segment_ids=q_ids, key_value_segment_ids=kv_ids)
     f32 = lambda x: x.astype(F32)
 
     @jax.jit
@@ -158,8 +162,6 @@ def test_default_implementation_falls_back_for_unsupported_inputs(rng):
     got = pallas_flash.dot_product_attention(q, k, v, bias)
     want = jax.nn.dot_product_attention(q, k, v, bias)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="bias"):
-        pallas_flash.dot_product_attention(q, k, v, bias, implementation="triton")
     with pytest.raises(NotImplementedError, match="head dims"):
         big = jnp.zeros((1, 4, 1, 512), F32)
         pallas_flash.dot_product_attention(big, big, big, implementation="triton")

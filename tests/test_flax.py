@@ -122,9 +122,11 @@ def test_dropout_and_sow_weights_are_rejected_clearly():
         pf.MultiHeadAttention(N, D, decode=False, rngs=nnx.Rngs(0))(x, sow_weights=True)
 
 
-def test_mask_array_with_forced_kernel_raises():
-    q = jnp.ones((1, 16, N, 16))
-    with pytest.raises(NotImplementedError, match="mask"):
-        pf.attention_fn(q, q, q, mask=jnp.ones((1, 1, 16, 16), bool), implementation="triton")
+def test_mask_array_with_forced_kernel_runs():
+    q = jax.random.normal(jax.random.key(0), (1, 16, N, 16))
+    mask = jnp.tril(jnp.ones((16, 16), bool))[None, None]
+    got = pf.attention_fn(q, q, q, mask=mask, implementation="triton")
+    want = pf.attention_fn(q, q, q, mask=mask, implementation="xla")
+    assert rel_err(got, want) < TOL
     with pytest.raises(ValueError, match="implementation"):
         pf.make_attention_fn(implementation="cuda")

@@ -1,0 +1,93 @@
+"""Packed sequences: segment ids against the same attention as an explicit mask, and plain causal.
+
+    python -m benchmarks.segments [--shape 4,4096,16,128] [--docs 4]
+
+At ``B x T x N x H`` bfloat16 (default 4x4096x16x128), causal, times the forward and
+forward+backward (`jax.grad` of ``sum(out * cotangent)``) of:
+
+(a) ``segment_ids``: `pallas_flash.dot_product_attention` with query/key segment ids, ``--docs``
+    documents per row at random boundaries (the kernel skips the block pairs of different documents);
+(b) ``mask``: the same visibility as an explicit boolean ``[B, 1, T, T]`` mask array, also through
+    our kernel (``implementation="triton"``): it reads the mask tile by tile but can skip only the
+    blocks that causality rules out, and no tile runs mask-free;
+(c) ``causal``: plain causal attention over the whole row with our kernel (no segments), the
+    ceiling that (a) should beat by skipping cross-document blocks.
+
+Timing is `benchmarks.tune.time_call` (median of rounds of back-to-back calls). Without a GPU it
+prints "needs a GPU" and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_flash
+from benchmarks.tune import time_call
+
+
+def packed_segment_ids(rng: np.random.Generator, B: int, T: int, docs: int) -> np.ndarray:
+    """Non-decreasing ids: ``docs`` documents per row with random boundaries."""
+    ids = np.zeros((B, T), np.int32)
+    for b in range(B):
+        for cut in rng.choice(np.arange(1, T), size=docs - 1, replace=False):
+            ids[b, cut:] += 1
+    return ids
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="4,4096,16,128", help="B,T,N,H (default 4,4096,16,128)")
+    parser.add_argument("--docs", type=int, default=4, help="documents per row (default 4)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=10)
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        print("needs a GPU: benchmarks.segments times compiled kernels; nothing to do on "
+              f"{jax.default_backend()}")
+        return 0
+
+    B, T, N, H = (int(x) for x in args.shape.split(","))
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, d_out = (jax.random.normal(key, (B, T, N, H), jnp.float32).astype(jnp.bfloat16)
+                      for key in keys)
+    ids = jnp.asarray(packed_segment_ids(np.random.default_rng(0), B, T, args.docs))
+    causal = np.tril(np.ones((T, T), bool))
+    mask = jnp.asarray((np.asarray(ids)[:, :, None] == np.asarray(ids)[:, None, :]) & causal)[:, None]
+
+    variants = {
+        "segment_ids (pallas_flash triton)": lambda q, k, v: pallas_flash.dot_product_attention(
+            q, k, v, is_causal=True, query_segment_ids=ids, key_value_segment_ids=ids,
+            implementation="triton"),
+        "mask array (pallas_flash triton)": lambda q, k, v: pallas_flash.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation="triton"),
+        "causal, full row (pallas_flash triton)": lambda q, k, v: pallas_flash.dot_product_attention(
+            q, k, v, is_causal=True, implementation="triton"),
+    }
+    rows = []
+    for name, fn in variants.items():
+        fwd = jax.jit(fn)
+        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
+        fwdbwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        try:
+            t_fwd = time_call(fwd, q, k, v, rounds=args.rounds, calls=args.calls)
+            t_bwd = time_call(fwdbwd, q, k, v, rounds=args.rounds, calls=args.calls)
+            rows.append((name, f"{t_fwd * 1e3:.3f}", f"{t_bwd * 1e3:.3f}"))
+        except Exception as err:  # out of memory, say: report it and go on to the next variant
+            rows.append((name, "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"))
+
+    print(f"\n{B}x{T}x{N}x{H} bfloat16, causal, {args.docs} documents per row, "
+          f"{jax.devices()[0].device_kind}")
+    header = ("variant", "fwd ms", "fwd+bwd ms")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
