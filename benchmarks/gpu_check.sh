@@ -14,7 +14,7 @@ for step in "$@"; do
     decode) timeout 150 python3 -m pytest -q -m gpu tests/test_decode.py 2>&1 | tail -15 | tee "$OUT/decode_tests.txt"
             timeout 240 python3 -m benchmarks.decode --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode_log.txt" | tail -40 ;;
     suite) XD=""; python3 -c "import xdist" 2>/dev/null && XD="-n 4"
-           XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 python3 -m pytest -q -p no:cacheprovider $XD -rf --durations=10 tests 2>&1 | tail -40 | tee "$OUT/suite.txt" ;;
+           XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 -m pytest -q -p no:cacheprovider $XD -rf --durations=10 tests 2>&1 | tail -40 | tee "$OUT/suite.txt" ;;
     gpt2) timeout 150 python3 benchmarks/gpt2_step.py --out "$OUT/gpt2_step.json" 2>&1 | grep -v "^W1\|^E1" | tail -20 ;;
     sweep_short) timeout 140 python3 -m benchmarks.tune --shape 4,4096,16,128 --causal no --sweep --out "$OUT/sweep_nc.json" | grep -E "best|TFLOP" | sort -t' ' -k1,1 | tail -60 ;;
     attention) timeout 380 python3 -m benchmarks.attention --out-dir "$OUT" --time-limit 330 2>&1 | grep -v "^W1\|^E1" | tail -60 ;;
@@ -23,6 +23,7 @@ for step in "$@"; do
                 --shapes 4x4096x16x64,4x4096x8x256,32x512x16x128,4x4096x32x8x128,16x1024x16x64,1x16384x16x64 2>&1 | grep -v "^W1\|^E1" | tail -40 ;;
     sweep_hd) timeout 250 python3 -m benchmarks.tune --shape 4,4096,8,256 --causal no --sweep --out "$OUT/sweep_hd256.json" | grep best
               timeout 250 python3 -m benchmarks.tune --shape 4,4096,16,64 --causal no --sweep --out "$OUT/sweep_hd64.json" | grep best ;;
+    segments) timeout 150 python3 -m benchmarks.segments 2>&1 | grep -v "^W1\|^E1" | tail -25 | tee "$OUT/segments.txt" ;;
     gputests) timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -25 | tee "$OUT/gputests.txt" ;;
     base) timeout 240 python3 -m benchmarks.tune --shape 4,4096,16,128 --baselines --out "$OUT/base.json" ;;
     long) timeout 200 python3 -m benchmarks.tune --shape 1,16384,16,128 --baselines --out "$OUT/long.json" ;;
