@@ -31,6 +31,23 @@ def _as_4d(x, name: str):
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
+def check_heads_and_dtypes(**operands):
+    """Query heads a multiple of K/V heads, one floating dtype for all: the checks that
+    `dot_product_attention` and `decode.decode_attention` share. Keyword names go into the messages;
+    the first operand is the query, the second the keys."""
+    (q_name, q), (k_name, k) = list(operands.items())[:2]
+    N, K = q.shape[-2], k.shape[-2]
+    if N % K != 0:
+        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K}): "
+                         f"{q_name}.shape={q.shape} {k_name}.shape={k.shape}")
+    for name, x in operands.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating dtype, got {name}.dtype={x.dtype}")
+    if len({x.dtype for x in operands.values()}) > 1:
+        raise ValueError(f"{', '.join(operands)} must share one dtype, got "
+                         f"{', '.join(str(x.dtype) for x in operands.values())}")
+
+
 def _check_broadcastable(x, target, name: str):
     if x.ndim != 4 or any(d not in (1, t) for d, t in zip(x.shape, target)):
         raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {tuple(target)}")
@@ -175,14 +192,7 @@ def dot_product_attention(
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H:
         raise ValueError("key and value must be [B, S, K, H] with the query's batch size and head dim, "
                          f"got query.shape={q.shape} key.shape={k.shape} value.shape={v.shape}")
-    if N % K != 0:
-        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K}): "
-                         f"query.shape={q.shape} key.shape={k.shape}")
-    for name, x in (("query", q), ("key", k), ("value", v)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating dtype, got {name}.dtype={x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"query, key and value must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_heads_and_dtypes(query=q, key=k, value=v)
     if bias is not None:
         bias = _as_4d(bias, "bias")
         _check_broadcastable(bias, (B, N, T, S), "bias")

@@ -27,8 +27,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_flash import masking
 from pallas_flash.config import FlashStatics
 from pallas_flash.forward import (_length_spec, add_bias, dot_precision, load_logit_tile,
-                                  load_segment_range, load_segments, logit_array_spec, scaled_logits,
-                                  segment_specs, sequence_bounds)
+                                  load_segment_range, load_segments, logit_array_spec, mask_key_tile,
+                                  scaled_logits, segment_specs, sequence_bounds)
 from pallas_flash.tiles import load_tile, store_tile
 
 
@@ -180,15 +180,9 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
                           kv_tail=kv_tail)
         s = add_bias(s, load_logit_tile(bias_ref, **logit_tile))
         if masked:
-            k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
-            k_seg = None
-            if kv_seg_ref is not None:
-                k_seg = load_segments(kv_seg_ref.at[rows], first_row=k_start, valid_rows=kv_tail)[None, :]
-            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
-                                        mask_tile=load_logit_tile(mask_ref, **logit_tile),
-                                        check_kv_end=spec.needs_kv_bound(block_k))
-            if visible is not None:
-                s = jnp.where(visible, s, masking.MASK_VALUE)
+            s = mask_key_tile(statics, s, q_pos=q_pos, q_seg=q_seg, kv_seg_ref=kv_seg_ref, k_rows=rows,
+                              k_start=k_start, kv_end=kv_end, kv_tail=kv_tail,
+                              mask_tile=load_logit_tile(mask_ref, **logit_tile), block_k=block_k)
         p = jnp.exp2(s - lse[:, None])
         dp = plgpu.dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])  # d loss / d (capped logit + bias)

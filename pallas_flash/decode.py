@@ -60,6 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_flash import masking
+from pallas_flash.api import check_heads_and_dtypes
 from pallas_flash.forward import LOG2_E, dot_precision
 from pallas_flash.tiles import load_tile, store_tile
 
@@ -491,15 +492,7 @@ def decode_attention(query, key_cache, value_cache, *, cache_lengths, scale: flo
                          f"(query.shape={query.shape}); use dot_product_attention for prefill")
     if S < 1 or K < 1 or N < 1 or H < 1:
         raise ValueError(f"empty dimension: query.shape={query.shape} key_cache.shape={key_cache.shape}")
-    if N % K != 0:
-        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K}): "
-                         f"query.shape={query.shape} key_cache.shape={key_cache.shape}")
-    for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a floating dtype, got {name}.dtype={x.dtype}")
-    if not (query.dtype == key_cache.dtype == value_cache.dtype):
-        raise ValueError("query, key_cache and value_cache must share one dtype, got "
-                         f"{query.dtype}, {key_cache.dtype}, {value_cache.dtype}")
+    check_heads_and_dtypes(query=query, key_cache=key_cache, value_cache=value_cache)
     lengths = jnp.asarray(cache_lengths)
     if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"cache_lengths must be an integer array of shape (B,) = ({B},), "

@@ -96,6 +96,20 @@ def load_segment_range(ref):
     return None if ref is None else ref[...]
 
 
+def mask_key_tile(statics: FlashStatics, s, *, q_pos, q_seg, kv_seg_ref, k_rows, k_start, kv_end,
+                  kv_tail, mask_tile, block_k: int):
+    """Applies `masking.tile_mask` to a ``[block_q, block_k]`` logit tile whose keys start at
+    ``k_start`` (the forward's and the dQ kernel's orientation)."""
+    spec = statics.mask
+    k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
+    k_seg = None
+    if kv_seg_ref is not None:
+        k_seg = load_segments(kv_seg_ref.at[k_rows], first_row=k_start, valid_rows=kv_tail)[None, :]
+    visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg, mask_tile=mask_tile,
+                                check_kv_end=spec.needs_kv_bound(block_k))
+    return s if visible is None else jnp.where(visible, s, masking.MASK_VALUE)
+
+
 def sequence_bounds(statics: FlashStatics, q_lengths_ref, kv_lengths_ref):
     """Valid query rows and key columns of this program's batch row."""
     spec = statics.mask
@@ -143,15 +157,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, q_seg_re
         tile = dict(q_start=q_start, q_tail=q_tail, k_cols=rows, k_start=k_start, kv_tail=tail)
         s = add_bias(s, load_logit_tile(bias_ref, **tile))
         if masked:
-            k_pos = (k_start + jnp.arange(block_k, dtype=jnp.int32))[None, :]
-            k_seg = None
-            if kv_seg_ref is not None:
-                k_seg = load_segments(kv_seg_ref.at[rows], first_row=k_start, valid_rows=kv_tail)[None, :]
-            visible = masking.tile_mask(spec, q_pos, k_pos, kv_end, q_seg=q_seg, k_seg=k_seg,
-                                        mask_tile=load_logit_tile(mask_ref, **tile),
-                                        check_kv_end=spec.needs_kv_bound(block_k))
-            if visible is not None:
-                s = jnp.where(visible, s, masking.MASK_VALUE)
+            s = mask_key_tile(statics, s, q_pos=q_pos, q_seg=q_seg, kv_seg_ref=kv_seg_ref, k_rows=rows,
+                              k_start=k_start, kv_end=kv_end, kv_tail=kv_tail,
+                              mask_tile=load_logit_tile(mask_ref, **tile), block_k=block_k)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp2(m_prev - m_next)  # rescales what was summed under the old max
         p = jnp.exp2(s - m_next[:, None])

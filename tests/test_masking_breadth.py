@@ -15,7 +15,6 @@ import pytest
 
 import pallas_flash
 from pallas_flash import masking
-from pallas_flash import reference
 from tests.helpers import random_inputs, rel_err
 from tests.test_attention import SMALL_BLOCKS, check_case
 
