@@ -26,6 +26,7 @@ for step in "$@"; do
     segments) timeout 150 python3 -m benchmarks.segments 2>&1 | grep -v "^W1\|^E1" | tail -25 | tee "$OUT/segments.txt" ;;
     attention3) timeout 300 python3 -m benchmarks.attention --out-dir "$OUT" --name attention_part3 --time-limit 250 --quick \
                 --shapes 4x4096x16x64,4x4096x8x256,16x1024x16x64,1x16384x16x64 2>&1 | grep -v "^W1\|^E1" | tail -20 ;;
+    sweep64_long) timeout 200 python3 -m benchmarks.tune --shape 1,16384,16,64 --causal both --passes fwdbwd --sweep --out "$OUT/sweep_hd64_16k.json" | grep best ;;
     gputests) timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -25 | tee "$OUT/gputests.txt" ;;
     base) timeout 240 python3 -m benchmarks.tune --shape 4,4096,16,128 --baselines --out "$OUT/base.json" ;;
     long) timeout 200 python3 -m benchmarks.tune --shape 1,16384,16,128 --baselines --out "$OUT/long.json" ;;
