@@ -76,11 +76,11 @@ def default_config(*, q_len: int, kv_len: int, head_dim: int, dtype_bytes: int,
     padded = max(16, 1 << (head_dim - 1).bit_length())
     wide = dtype_bytes >= 4
     # Each row is the best of a forward and a backward sweep at 4x4096xNx{64,128,256} bf16 on the
-    # H100 (`benchmarks/tune.py`, NOTES.md).
+    # H100 (`benchmarks/tune.py`, NOTES.md); head dim 64's backward also at 1x16384.
     if padded <= 64:
         cfg = FlashConfig(block_q=64, block_k=128, num_warps=4, num_stages=2,
                           block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
-                          num_warps_bwd=4, num_stages_bwd=1)
+                          num_warps_bwd=4, num_stages_bwd=2)
     elif padded <= 128:
         cfg = FlashConfig(block_q=128, block_k=64, num_warps=4, num_stages=2,
                           block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
