@@ -27,6 +27,8 @@ for step in "$@"; do
     attention3) timeout 300 python3 -m benchmarks.attention --out-dir "$OUT" --name attention_part3 --time-limit 250 --quick \
                 --shapes 4x4096x16x64,4x4096x8x256,16x1024x16x64,1x16384x16x64 2>&1 | grep -v "^W1\|^E1" | tail -20 ;;
     sweep64_long) timeout 200 python3 -m benchmarks.tune --shape 1,16384,16,64 --causal both --passes fwdbwd --sweep --out "$OUT/sweep_hd64_16k.json" | grep best ;;
+    final) XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 170 python3 -m pytest -q -p no:cacheprovider -n 4 -rf tests 2>&1 | tail -4 | tee "$OUT/suite.txt"
+           timeout 410 python3 -m benchmarks.attention --out-dir "$OUT" --quick --shapes default --time-limit 390 2>&1 | grep -v "^W1\|^E1" | tee "$OUT/attention_log.txt" | tail -8 ;;
     gputests) timeout 300 python3 -m pytest -q -m gpu tests 2>&1 | tail -25 | tee "$OUT/gputests.txt" ;;
     base) timeout 240 python3 -m benchmarks.tune --shape 4,4096,16,128 --baselines --out "$OUT/base.json" ;;
     long) timeout 200 python3 -m benchmarks.tune --shape 1,16384,16,128 --baselines --out "$OUT/long.json" ;;

@@ -20,7 +20,7 @@ from pallas_flash.masking import MaskSpec
 
 Implementation = Literal["triton", "xla"]
 IMPLEMENTATIONS = (None, "triton", "xla")
-_KERNEL_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+KERNEL_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 MAX_HEAD_DIM = 256
 
 
@@ -53,7 +53,8 @@ def _check_broadcastable(x, target, name: str):
         raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {tuple(target)}")
 
 
-def _window(local_window_size):
+def normalize_window(local_window_size):
+    """``w`` or ``(left, right)`` as a ``(left, right)`` pair of non-negative ints (None stays None)."""
     if local_window_size is None:
         return None
     if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
@@ -66,12 +67,18 @@ def _window(local_window_size):
     return (int(local_window_size[0]), int(local_window_size[1]))
 
 
+def _fits_int32(dtype) -> bool:
+    """Integer dtypes whose every value survives the kernels' int32 (uint32 and 64-bit ones would wrap)."""
+    return jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits <= (32 if jnp.issubdtype(
+        dtype, jnp.signedinteger) else 16)
+
+
 def _lengths(lengths, batch: int, name: str):
     if lengths is None:
         return None
     lengths = jnp.asarray(lengths)
-    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array of shape (B,) = ({batch},), "
+    if lengths.shape != (batch,) or not _fits_int32(lengths.dtype):
+        raise ValueError(f"{name} must be an int32 (or narrower integer) array of shape (B,) = ({batch},), "
                          f"got {name}.shape={lengths.shape} dtype={lengths.dtype}")
     return lengths.astype(jnp.int32)
 
@@ -84,8 +91,8 @@ def _segment_ids(q_ids, kv_ids, batch: int, T: int, S: int):
                          "neither)")
     q_ids, kv_ids = jnp.asarray(q_ids), jnp.asarray(kv_ids)
     for name, ids, length in (("query_segment_ids", q_ids, T), ("key_value_segment_ids", kv_ids, S)):
-        if ids.shape != (batch, length) or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer array of shape (B, {'T' if length == T else 'S'})"
+        if ids.shape != (batch, length) or not _fits_int32(ids.dtype):
+            raise ValueError(f"{name} must be an int32 (or narrower integer) array of shape (B, {'T' if length == T else 'S'})"
                              f" = ({batch}, {length}), got {name}.shape={ids.shape} dtype={ids.dtype}")
     return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
 
@@ -101,7 +108,7 @@ def _soft_cap(cap):
 
 def _kernel_unsupported(query, scale) -> str | None:
     """Why the Pallas kernel cannot take this call yet (None: it can)."""
-    if query.dtype not in _KERNEL_DTYPES:
+    if query.dtype not in KERNEL_DTYPES:
         return f"the Pallas kernel supports float16, bfloat16 and float32, got {query.dtype}"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"the Pallas kernel supports head dims up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
@@ -192,7 +199,14 @@ def dot_product_attention(
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H:
         raise ValueError("key and value must be [B, S, K, H] with the query's batch size and head dim, "
                          f"got query.shape={q.shape} key.shape={k.shape} value.shape={v.shape}")
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"empty dimension: query.shape={q.shape} key.shape={k.shape}")
     check_heads_and_dtypes(query=q, key=k, value=v)
+    if config is not None and not isinstance(config, FlashConfig):
+        raise ValueError(f"config must be a pallas_flash.FlashConfig or None, got {config!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(
+            scale, (int, float, np.integer, np.floating, jax.Array, np.ndarray))):
+        raise ValueError(f"scale must be a number or None, got {scale!r}")
     if bias is not None:
         bias = _as_4d(bias, "bias")
         _check_broadcastable(bias, (B, N, T, S), "bias")
@@ -207,18 +221,15 @@ def dot_product_attention(
         _check_broadcastable(mask, (B, N, T, S), "mask")
     q_lengths = _lengths(query_seq_lengths, B, "query_seq_lengths")
     kv_lengths = _lengths(key_value_seq_lengths, B, "key_value_seq_lengths")
-    window = _window(local_window_size)
+    window = normalize_window(local_window_size)
     segments = _segment_ids(query_segment_ids, key_value_segment_ids, B, T, S)
     soft_cap = _soft_cap(logits_soft_cap)
     scale = 1.0 / math.sqrt(H) if scale is None else scale
 
-    use_kernel = implementation == "triton"
-    if implementation is None and _on_gpu():
-        use_kernel = _kernel_unsupported(q, scale) is None
-    if use_kernel:
-        reason = _kernel_unsupported(q, scale)
-        if reason is not None:
-            raise NotImplementedError(reason)
+    reason = _kernel_unsupported(q, scale)
+    if implementation == "triton" and reason is not None:
+        raise NotImplementedError(reason)
+    if implementation == "triton" or (implementation is None and _on_gpu() and reason is None):
         spec = MaskSpec(q_len=T, kv_len=S, is_causal=bool(is_causal), window=window,
                         has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
                         has_segment_ids=segments is not None, has_mask=mask is not None,

@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_flash import masking
 from pallas_flash.config import FlashStatics
-from pallas_flash.forward import (_length_spec, add_bias, dot_precision, load_logit_tile,
+from pallas_flash.forward import (length_spec, add_bias, dot_precision, load_logit_tile,
                                   load_segment_range, load_segments, logit_array_spec, mask_key_tile,
                                   scaled_logits, segment_specs, sequence_bounds)
 from pallas_flash.tiles import load_tile, store_tile
@@ -176,8 +176,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
         k = load_tile(k_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
         v = load_tile(v_ref.at[rows, :], first_row=k_start, valid_rows=tail, valid_cols=head_dim)
         s, tanh = scaled_logits(statics, plgpu.dot(q, k, trans_b=True, precision=precision))
-        logit_tile = dict(q_start=q_start, q_tail=q_tail, k_cols=rows, k_start=k_start,
-                          kv_tail=kv_tail)
+        logit_tile = dict(q_start=q_start, q_tail=q_tail, k_cols=rows, k_start=k_start, kv_tail=tail)
         s = add_bias(s, load_logit_tile(bias_ref, **logit_tile))
         if masked:
             s = mask_key_tile(statics, s, q_pos=q_pos, q_seg=q_seg, kv_seg_ref=kv_seg_ref, k_rows=rows,
@@ -188,7 +187,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
         ds = p * (dp - delta[:, None])  # d loss / d (capped logit + bias)
         if ds_ref is not None:
             store_tile(ds_ref.at[:, rows], ds, first_row=q_start, valid_rows=q_tail, first_col=k_start,
-                       valid_cols=kv_tail)
+                       valid_cols=tail)
         ds = _soft_cap_grad(ds, tanh)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
@@ -213,9 +212,10 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_lengths_ref, k
 
 
 def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse, d_out, *,
-                   statics: FlashStatics):
+                   statics: FlashStatics, bias_grad: bool = True):
     """Returns ``(dq, dk, dv, dbias)`` for the forward's ``(out, lse2)`` and the output cotangent;
-    ``segments``, ``bias`` and ``mask`` as in `forward.flash_forward`; dbias is None without a bias."""
+    ``segments``, ``bias`` and ``mask`` as in `forward.flash_forward`; dbias is None without a bias
+    or when ``bias_grad`` is False (nothing differentiates the bias: skip its T x S buffer)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     groups = N // K
@@ -251,8 +251,8 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, ls
         functools.partial(_dkdv_kernel, statics=statics),
         grid=(pl.cdiv(S, block_k_dkv), B, K),
         in_specs=[grouped_spec, grouped_spec, grouped_rows_spec, grouped_rows_spec, kv_spec, kv_spec,
-                  _length_spec(q_lengths, lambda j, b, h: (b,)),
-                  _length_spec(kv_lengths, lambda j, b, h: (b,)), *dkdv_seg_specs,
+                  length_spec(q_lengths, lambda j, b, h: (b,)),
+                  length_spec(kv_lengths, lambda j, b, h: (b,)), *dkdv_seg_specs,
                   _dkdv_logit_spec(_group_heads(bias, N, K), q_rows, block_k_dkv),
                   _dkdv_logit_spec(_group_heads(mask, N, K), q_rows, block_k_dkv)],
         out_specs=[kv_spec, kv_spec],
@@ -270,16 +270,17 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, ls
     full_kv_spec = pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0))
     dq_seg_arrays, dq_seg_specs = segment_specs(segments, block_q, block_k_dq, kv_rows, lambda i: i)
     out_specs, out_shape = tile_spec, jax.ShapeDtypeStruct(q.shape, q.dtype)
-    if bias is not None:
-        # The full [B, N, T, S] logit gradient: O(T * S), but only because the bias itself may be.
+    bias_grad = bias is not None and bias_grad
+    if bias_grad:
+        # The full [B, N, T, S] logit gradient, summed over the bias's broadcast dims below.
         out_specs = [tile_spec, pl.BlockSpec((None, None, block_q, kv_rows), lambda i, b, n: (b, n, i, 0))]
         out_shape = [out_shape, jax.ShapeDtypeStruct((B, N, T, S), jnp.float32)]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, statics=statics),
         grid=(num_q_blocks, B, N),
         in_specs=[tile_spec, tile_spec, row_spec, row_spec, full_kv_spec, full_kv_spec,
-                  _length_spec(q_lengths, lambda i, b, n: (b,)),
-                  _length_spec(kv_lengths, lambda i, b, n: (b,)), *dq_seg_specs,
+                  length_spec(q_lengths, lambda i, b, n: (b,)),
+                  length_spec(kv_lengths, lambda i, b, n: (b,)), *dq_seg_specs,
                   logit_array_spec(bias, block_q, kv_rows, lambda i: i),
                   logit_array_spec(mask, block_q, kv_rows, lambda i: i)],
         out_specs=out_specs,
@@ -289,7 +290,7 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, ls
         interpret=interpret,
         name="pallas_flash_backward_dq",
     )(q, d_out, lse, delta, k, v, q_lengths, kv_lengths, *dq_seg_arrays, bias, mask)
-    if bias is None:
+    if not bias_grad:
         return dq, dk, dv, None
     dq, ds = dq
     broadcast = tuple(d for d in range(4) if bias.shape[d] == 1 and ds.shape[d] != 1)

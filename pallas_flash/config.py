@@ -10,11 +10,12 @@ import dataclasses
 import functools
 
 import jax
+import numpy as np
 
 from pallas_flash.masking import MaskSpec
 
 
-def _is_power_of_two(x: int) -> bool:
+def is_power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
@@ -41,9 +42,10 @@ class FlashConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"FlashConfig.{field.name} must be an int, got {value!r}")
-            if field.name.startswith("block_") and (value < 16 or not _is_power_of_two(value)):
+            object.__setattr__(self, field.name, int(value))  # hashable, comparable plain ints
+            if field.name.startswith("block_") and (value < 16 or not is_power_of_two(value)):
                 raise ValueError(f"FlashConfig.{field.name} must be a power of two >= 16, got {value}")
             if field.name.startswith("num_warps") and value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"FlashConfig.{field.name} must be one of 1, 2, 4, 8, 16, got {value}")

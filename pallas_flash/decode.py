@@ -60,25 +60,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_flash import masking
-from pallas_flash.api import check_heads_and_dtypes
+from pallas_flash.api import KERNEL_DTYPES, MAX_HEAD_DIM, check_heads_and_dtypes, normalize_window
+from pallas_flash.config import is_power_of_two
 from pallas_flash.forward import LOG2_E, dot_precision
 from pallas_flash.tiles import load_tile, store_tile
 
 MAX_QUERY_TOKENS = 16
-MAX_HEAD_DIM = 256
 # Rows (query heads x tokens) one program holds: a [rows, head_dim] float32 accumulator lives in
 # registers, so larger groups (e.g. MQA with 32 heads and 16 tokens) are cut into row blocks.
 MAX_BLOCK_ROWS = 64
-_KERNEL_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 # H100 SXM; used when the device does not report its SM count.
 _DEFAULT_SM_COUNT = 132
 # Shared memory the software pipeline may fill with K/V tiles: leaves room for Triton's own
 # scratch (layout conversions, reductions) on Hopper (227 KiB per block) and on Ampere (163 KiB).
 _PIPELINE_SMEM_BYTES = 128 * 1024
-
-
-def _is_power_of_two(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
 
 
 def _next_power_of_two(x: int, minimum: int = 16) -> int:
@@ -106,7 +101,7 @@ class DecodeConfig:
                 continue
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"DecodeConfig.{name} must be an int, got {value!r}")
-        if self.block_k is not None and (self.block_k < 16 or not _is_power_of_two(self.block_k)):
+        if self.block_k is not None and (self.block_k < 16 or not is_power_of_two(self.block_k)):
             raise ValueError(f"DecodeConfig.block_k must be a power of two >= 16, got {self.block_k}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"DecodeConfig.num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
@@ -209,11 +204,6 @@ def resolve_config(config: DecodeConfig | None, *, batch: int, num_tokens: int, 
     return config.replace(block_k=int(block_k), num_splits=int(splits))
 
 
-def _cdiv(x, d: int):
-    """Ceil division of a non-negative traced int by a static int."""
-    return lax.div(x + (d - 1), d)
-
-
 def _split_block_range(statics: DecodeStatics, length, split):
     """Key blocks of this program as ``(lo, full_lo, full_hi, hi)`` for `masking.run_blocks`.
 
@@ -228,11 +218,11 @@ def _split_block_range(statics: DecodeStatics, length, split):
         full_first = jnp.maximum(length - 1 - statics.window_left, 0)
     full_last = jnp.maximum(length - T + 1, 0)  # keys below it are seen by every token
     row_lo = lax.div(first, block_k)
-    row_hi = jnp.maximum(_cdiv(length, block_k), row_lo)
-    per_split = _cdiv(row_hi - row_lo, statics.num_splits)
+    row_hi = jnp.maximum(masking.cdiv(length, block_k), row_lo)
+    per_split = masking.cdiv(row_hi - row_lo, statics.num_splits)
     lo = jnp.minimum(row_lo + split * per_split, row_hi)
     hi = jnp.minimum(lo + per_split, row_hi)
-    full_lo = jnp.clip(_cdiv(full_first, block_k), lo, hi)
+    full_lo = jnp.clip(masking.cdiv(full_first, block_k), lo, hi)
     full_hi = jnp.clip(lax.div(full_last, block_k), full_lo, hi)
     return lo, full_lo, full_hi, hi
 
@@ -399,20 +389,6 @@ def _decode(query, key_cache, value_cache, lengths, page_table, *, statics: Deco
     return out.astype(query.dtype), lse
 
 
-def _window_left(local_window_size) -> int | None:
-    if local_window_size is None:
-        return None
-    if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
-        local_window_size = (local_window_size, local_window_size)
-    if (not isinstance(local_window_size, (tuple, list)) or len(local_window_size) != 2
-            or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
-                       for w in local_window_size)
-            or any(w < 0 for w in local_window_size)):
-        raise ValueError("local_window_size must be a non-negative int or a (left, right) pair of "
-                         f"non-negative ints, got {local_window_size!r}")
-    return int(local_window_size[0])
-
-
 def _static_positive(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a static Python number (the kernel bakes it in), got {x!r}")
@@ -477,10 +453,10 @@ def decode_attention(query, key_cache, value_cache, *, cache_lengths, scale: flo
                              "[num_pages, page_size, K, H] with the query's head dim, got "
                              f"query.shape={query.shape} key_cache.shape={key_cache.shape} "
                              f"value_cache.shape={value_cache.shape}")
-        if not _is_power_of_two(page_size):
+        if not is_power_of_two(page_size):
             raise NotImplementedError(f"page_size must be a power of two, got {page_size} "
                                       f"(key_cache.shape={key_cache.shape})")
-        if H < 16 or not _is_power_of_two(H):
+        if H < 16 or not is_power_of_two(H):
             raise NotImplementedError(f"a paged cache needs a power-of-two head dim >= 16, got {H}")
         S = page_table.shape[1] * page_size
     elif key_cache.shape != value_cache.shape or key_cache.shape[0] != B or key_cache.shape[3] != H:
@@ -497,7 +473,8 @@ def decode_attention(query, key_cache, value_cache, *, cache_lengths, scale: flo
     if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"cache_lengths must be an integer array of shape (B,) = ({B},), "
                          f"got cache_lengths.shape={lengths.shape} dtype={lengths.dtype}")
-    window_left = _window_left(local_window_size)
+    window = normalize_window(local_window_size)
+    window_left = None if window is None else window[0]  # the right side never reaches past the cache end
     scale = 1.0 / math.sqrt(H) if scale is None else scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise ValueError(f"scale must be a static Python number, got {type(scale).__name__}")
@@ -507,7 +484,7 @@ def decode_attention(query, key_cache, value_cache, *, cache_lengths, scale: flo
         raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
     if num_splits is not None:
         config = config.replace(num_splits=num_splits)  # validated by DecodeConfig
-    if query.dtype not in _KERNEL_DTYPES:
+    if query.dtype not in KERNEL_DTYPES:
         raise NotImplementedError("decode_attention supports float16, bfloat16 and float32, "
                                   f"got {query.dtype}")
     if H > MAX_HEAD_DIM:
@@ -515,14 +492,16 @@ def decode_attention(query, key_cache, value_cache, *, cache_lengths, scale: flo
 
     groups = N // K
     block_rows = _block_rows(groups * T)
-    config = resolve_config(config, batch=B, num_tokens=T, num_heads=N, kv_heads=K, head_dim=H,
-                            kv_len=S, itemsize=query.dtype.itemsize)
     paging = {}
     if paged:
-        # A block covers whole pages, and at least 16 keys (the dot's minimum).
-        config = config.replace(block_k=max(config.block_k, page_size, 16))
+        # A block covers whole pages, and at least 16 keys (the dot's minimum); fixed before the
+        # split count is derived from it.
+        block_k = config.block_k or default_block_k(H, query.dtype.itemsize, config.num_stages, S)
+        config = config.replace(block_k=max(block_k, page_size, 16))
         paging = dict(num_pages=num_pages, page_size=page_size)
         page_table = page_table.astype(jnp.int32)
+    config = resolve_config(config, batch=B, num_tokens=T, num_heads=N, kv_heads=K, head_dim=H,
+                            kv_len=S, itemsize=query.dtype.itemsize)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     statics = DecodeStatics(

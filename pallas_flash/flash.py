@@ -1,7 +1,8 @@
 """The differentiable Pallas attention op: forward kernel + FlashAttention-2 backward as a custom_vjp.
 
 The residuals are O and the base-2 log-sum-exp only (plus the inputs), so training memory stays
-O(T * H) per head: nothing of size T * S is ever saved or rebuilt in HBM.
+O(T * H) per head: nothing of size T * S is ever saved or rebuilt in HBM, except the gradient of a
+bias that is differentiated (its [B, N, T, S] logit gradient, reduced over the broadcast dims).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from pallas_flash.backward import flash_backward
 from pallas_flash.config import FlashStatics
@@ -21,20 +23,32 @@ def flash_attention(statics: FlashStatics, q, k, v, q_lengths, kv_lengths, segme
     return flash_forward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, statics=statics)
 
 
+def _value(x):
+    return x.value if isinstance(x, CustomVJPPrimal) else x
+
+
 def _flash_attention_fwd(statics, q, k, v, q_lengths, kv_lengths, segments, bias, mask):
-    out, lse = flash_forward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, statics=statics)
-    return (out, lse), (q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse)
+    # symbolic_zeros=True: every array arrives as CustomVJPPrimal(value, perturbed). Only a bias that
+    # something differentiates gets the backward's [B, N, T, S] buffer; the residuals carry that
+    # decision in their structure (the bias again, or None).
+    bias_grad = bias is not None and bias.perturbed
+    args = jax.tree.map(_value, (q, k, v, q_lengths, kv_lengths, segments, bias, mask),
+                        is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+    out, lse = flash_forward(*args, statics=statics)
+    return (out, lse), (*args, out, lse, args[6] if bias_grad else None)
 
 
 def _flash_attention_bwd(statics, residuals, cotangents):
-    q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse = residuals
+    q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, lse, grad_bias = residuals
     # The log-sum-exp is returned as a residual, not as a differentiable output (as in jax.nn),
     # so its cotangent is ignored.
     d_out, _ = cotangents
+    if isinstance(d_out, SymbolicZero):
+        d_out = jax.numpy.zeros_like(out)
     dq, dk, dv, dbias = flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out,
-                                       lse, d_out, statics=statics)
+                                       lse, d_out, statics=statics, bias_grad=grad_bias is not None)
     # Integer and boolean inputs (lengths, segment ids, the mask) have no cotangent.
     return dq, dk, dv, None, None, None, dbias, None
 
 
-flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
+flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd, symbolic_zeros=True)

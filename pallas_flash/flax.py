@@ -104,8 +104,6 @@ def attention_fn(
         raise NotImplementedError(
             "pallas_flash attention_fn cannot sow attention weights (sow_weights=True): the fused "
             "kernel never forms them. Use flax's default attention_fn to inspect attention weights.")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     if not (query.ndim == key.ndim == value.ndim) or query.ndim < 3:
         raise ValueError("query, key and value must be [batch..., length, heads, head_dim] with the "

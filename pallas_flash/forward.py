@@ -188,7 +188,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_lengths_ref, kv_lengths_ref, q_seg_re
     store_tile(lse_ref, lse, first_row=q_start, valid_rows=q_tail)
 
 
-def _length_spec(lengths, index_map):
+def length_spec(lengths, index_map):
     return None if lengths is None else pl.BlockSpec((None,), index_map)
 
 
@@ -232,8 +232,8 @@ def flash_forward(q, k, v, q_lengths, kv_lengths, segments=None, bias=None, mask
         pl.BlockSpec((None, block_q, None, padded), lambda i, b, n: (b, q_block(i), n, 0)),
         pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0)),
         pl.BlockSpec((None, kv_rows, None, padded), lambda i, b, n: (b, 0, n // groups, 0)),
-        _length_spec(q_lengths, lambda i, b, n: (b,)),
-        _length_spec(kv_lengths, lambda i, b, n: (b,)),
+        length_spec(q_lengths, lambda i, b, n: (b,)),
+        length_spec(kv_lengths, lambda i, b, n: (b,)),
         *seg_specs,
         logit_array_spec(bias, block_q, kv_rows, q_block),
         logit_array_spec(mask, block_q, kv_rows, q_block),

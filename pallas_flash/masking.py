@@ -64,7 +64,7 @@ class MaskSpec:
         return self.has_kv_lengths or self.kv_len % block_k != 0
 
 
-def _cdiv(x, d: int):
+def cdiv(x, d: int):
     """Ceil division of a non-negative traced int by a static int."""
     return lax.div(x + (d - 1), d)
 
@@ -143,10 +143,10 @@ def kv_block_range(spec: MaskSpec, q_start, q_end, kv_end, block_q: int, block_k
         full_first = jnp.maximum(q_stop - 1 - left, 0)
         full_last = jnp.minimum(full_last, q_start + right + 1)
     lo = lax.div(jnp.asarray(first, jnp.int32), block_k)
-    hi = jnp.maximum(_cdiv(jnp.maximum(last, 0), block_k), lo)
+    hi = jnp.maximum(cdiv(jnp.maximum(last, 0), block_k), lo)
     if spec.has_q_lengths:
         hi = jnp.where(q_start < q_end, hi, lo)
-    full_lo = _clip(_cdiv(jnp.asarray(full_first, jnp.int32), block_k), lo, hi)
+    full_lo = _clip(cdiv(jnp.asarray(full_first, jnp.int32), block_k), lo, hi)
     full_hi = _clip(lax.div(jnp.maximum(full_last, 0), block_k), full_lo, hi)
     return _with_segments(spec, (lo, full_lo, full_hi, hi), segment_range)
 
@@ -172,9 +172,9 @@ def q_block_range(spec: MaskSpec, k_start, q_end, kv_end, block_q: int, block_k:
         full_first = jnp.maximum(full_first, k_start + block_k - 1 - right)
         full_hi = lax.div(k_start + left + 1, block_q)
     lo = lax.div(jnp.asarray(first, jnp.int32), block_q)
-    hi = jnp.maximum(_cdiv(jnp.maximum(last, 0), block_q), lo)
+    hi = jnp.maximum(cdiv(jnp.maximum(last, 0), block_q), lo)
     hi = jnp.where(k_start < kv_end, hi, lo)
-    full_lo = _clip(_cdiv(jnp.asarray(full_first, jnp.int32), block_q), lo, hi)
+    full_lo = _clip(cdiv(jnp.asarray(full_first, jnp.int32), block_q), lo, hi)
     # A tile is mask-free only if all of its keys are valid; rows past q_end are harmless (above).
     keys_valid = k_start + block_k <= kv_end
     full_hi = jnp.where(keys_valid, hi if full_hi is None else full_hi, full_lo)

@@ -8,8 +8,12 @@ the input dtype, and the log-sum-exp in the natural log, float32, laid out ``[B,
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from pallas_flash.masking import MASK_VALUE
 
 
 def visibility(T: int, S: int, *, is_causal=False, window=None, q_lengths=None, kv_lengths=None,
@@ -38,6 +42,11 @@ def soft_capped(logits, soft_cap):
     return logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
 
 
+# Logits (natural units, bias included) at or below this count as masked: half the kernels' MASK_VALUE,
+# which they use in base 2 (hence the log2(e)).
+BIAS_MASK_THRESHOLD = 0.5 * MASK_VALUE / math.log2(math.e)
+
+
 def attention(query, key, value, bias=None, mask=None, *, scale: float, is_causal=False,
               window=None, q_lengths=None, kv_lengths=None, soft_cap=None, q_segment_ids=None,
               kv_segment_ids=None):
@@ -61,6 +70,10 @@ def attention(query, key, value, bias=None, mask=None, *, scale: float, is_causa
                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     if mask is not None:
         vis = vis & mask
+    if bias is not None:
+        # An additive-mask bias (jax.nn's -0.7 * float32 max, finfo.min, -inf) masks its logit, as
+        # in the kernels, which clamp at MASK_VALUE: a row of only such logits is empty, not uniform.
+        vis = vis & (logits > BIAS_MASK_THRESHOLD)
     vis = jnp.broadcast_to(vis, logits.shape)
     # Softmax without NaNs on empty rows: the max of an empty row is taken as 0 and masked
     # entries are replaced *before* exp so no inf ever meets a zero in the gradient.

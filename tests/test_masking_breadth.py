@@ -226,3 +226,28 @@ def test_bias_matches_jax_nn(rng):
         got = pallas_flash.dot_product_attention(q, k, v, bias, mask, is_causal=True, implementation="triton")
         want = jax.nn.dot_product_attention(q, k, v, bias, mask, is_causal=True, implementation="xla")
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_bias_gradient_buffer_only_when_the_bias_is_differentiated(rng):
+    """The [B, N, T, S] logit-gradient buffer exists only in a backward that needs d bias."""
+    q, k, v, _ = random_inputs(rng, B=1, T=40, S=36, N=2, K=1, H=32, dtype=jnp.float32)
+    bias = jax.random.normal(rng, (1, 1, 40, 36))
+    loss = lambda q, bias: jnp.sum(pallas_flash.dot_product_attention(
+        q, k, v, bias, implementation="triton") ** 2)
+    full = "f32[1,2,40,36]"
+    assert full not in jax.make_jaxpr(jax.grad(loss, argnums=0))(q, bias).pretty_print()
+    assert full in jax.make_jaxpr(jax.grad(loss, argnums=1))(q, bias).pretty_print()
+
+
+def test_additive_mask_bias_rows_match_the_reference(rng):
+    """A bias at jax.nn's own masking magnitude masks its logits in both implementations: rows it
+    masks entirely are zero, not the mean of V."""
+    q, k, v, _ = random_inputs(rng, B=1, T=24, S=24, N=2, K=2, H=32, dtype=jnp.float32)
+    dead_rows = (jnp.arange(24) < 5)[:, None]
+    bias = jnp.where(dead_rows, jnp.finfo(jnp.float32).min, 0.0)[None, None] * jnp.ones((1, 1, 24, 24))
+    got = pallas_flash.dot_product_attention(q, k, v, bias, implementation="triton")
+    want = pallas_flash.dot_product_attention(q, k, v, bias, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(got)[:, :5] == 0.0)
+    live = jax.nn.dot_product_attention(q, k, v, bias)
+    np.testing.assert_allclose(got[:, 5:], live[:, 5:], rtol=1e-5, atol=1e-5)

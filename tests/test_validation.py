@@ -68,3 +68,15 @@ def test_bad_lengths_mask_bias_implementation(rng):
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         FlashConfig(**{field: value})
+
+
+def test_empty_dims_config_scale_and_wide_integer_lengths(rng):
+    q, k, v = _qkv(rng)
+    with pytest.raises(ValueError, match="empty dimension"):
+        pallas_flash.dot_product_attention(q[:, :0], k, v)
+    with pytest.raises(ValueError, match="config"):
+        pallas_flash.dot_product_attention(q, k, v, config={"block_q": 64})
+    with pytest.raises(ValueError, match="scale"):
+        pallas_flash.dot_product_attention(q, k, v, scale=True)
+    with pytest.raises(ValueError, match="int32"):
+        pallas_flash.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array([3, 4], jnp.uint32))
