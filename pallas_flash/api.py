@@ -181,6 +181,8 @@ def dot_product_attention(
 
     Differences from jax.nn, on purpose: a query row that sees no key at all (every logit masked)
     returns zeros and a log-sum-exp of -inf, with zero gradients; jax.nn returns the mean of V there.
+    A logit whose bias drives it to about -8.3e37 or below (jax.nn's -0.7 * float32 max, finfo.min,
+    -inf) counts as masked.
 
     Raises:
       ValueError: inputs of the wrong rank, shape or dtype, a bad window or implementation name.
