@@ -73,7 +73,8 @@ def _fits_int32(dtype) -> bool:
         dtype, jnp.signedinteger) else 16)
 
 
-def _lengths(lengths, batch: int, name: str):
+def validate_lengths(lengths, batch: int, name: str):
+    """``(B,)`` int32 lengths (None stays None); shared with `decode.decode_attention`."""
     if lengths is None:
         return None
     lengths = jnp.asarray(lengths)
@@ -221,8 +222,8 @@ def dot_product_attention(
             raise ValueError(f"mask must be boolean (True = attend), got mask.dtype={mask.dtype}; "
                              "pass an additive mask as bias")
         _check_broadcastable(mask, (B, N, T, S), "mask")
-    q_lengths = _lengths(query_seq_lengths, B, "query_seq_lengths")
-    kv_lengths = _lengths(key_value_seq_lengths, B, "key_value_seq_lengths")
+    q_lengths = validate_lengths(query_seq_lengths, B, "query_seq_lengths")
+    kv_lengths = validate_lengths(key_value_seq_lengths, B, "key_value_seq_lengths")
     window = normalize_window(local_window_size)
     segments = _segment_ids(query_segment_ids, key_value_segment_ids, B, T, S)
     soft_cap = _soft_cap(logits_soft_cap)

@@ -245,6 +245,7 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, ls
     grouped_spec = pl.BlockSpec((None, q_rows, None, groups, padded), lambda j, b, h: (b, 0, h, 0, 0))
     grouped_rows_spec = pl.BlockSpec((None, None, groups, q_rows), lambda j, b, h: (b, h, 0, 0))
     kv_spec = pl.BlockSpec((None, block_k_dkv, None, padded), lambda j, b, h: (b, j, h, 0))
+    grouped_bias, grouped_mask = _group_heads(bias, N, K), _group_heads(mask, N, K)
     dkdv_seg_arrays, dkdv_seg_specs = segment_specs(
         None if segments is None else segments[::-1], block_k_dkv, block_q_dkv, q_rows, lambda j: j)
     dk, dv = pl.pallas_call(
@@ -253,8 +254,8 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, ls
         in_specs=[grouped_spec, grouped_spec, grouped_rows_spec, grouped_rows_spec, kv_spec, kv_spec,
                   length_spec(q_lengths, lambda j, b, h: (b,)),
                   length_spec(kv_lengths, lambda j, b, h: (b,)), *dkdv_seg_specs,
-                  _dkdv_logit_spec(_group_heads(bias, N, K), q_rows, block_k_dkv),
-                  _dkdv_logit_spec(_group_heads(mask, N, K), q_rows, block_k_dkv)],
+                  _dkdv_logit_spec(grouped_bias, q_rows, block_k_dkv),
+                  _dkdv_logit_spec(grouped_mask, q_rows, block_k_dkv)],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps_bwd,
@@ -263,7 +264,7 @@ def flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out, ls
         name="pallas_flash_backward_dkdv",
     )(q.reshape(B, T, K, groups, H), d_out.reshape(B, T, K, groups, H),
       lse.reshape(B, K, groups, T), delta.reshape(B, K, groups, T), k, v, q_lengths, kv_lengths,
-      *dkdv_seg_arrays, _group_heads(bias, N, K), _group_heads(mask, N, K))
+      *dkdv_seg_arrays, grouped_bias, grouped_mask)
 
     block_k_dq = tuning.block_k_dq
     kv_rows = pl.cdiv(S, block_k_dq) * block_k_dq

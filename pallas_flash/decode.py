@@ -60,7 +60,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_flash import masking
-from pallas_flash.api import KERNEL_DTYPES, MAX_HEAD_DIM, check_heads_and_dtypes, normalize_window
+from pallas_flash.api import (KERNEL_DTYPES, MAX_HEAD_DIM, check_heads_and_dtypes, normalize_window,
+                              validate_lengths)
 from pallas_flash.config import is_power_of_two
 from pallas_flash.forward import LOG2_E, dot_precision
 from pallas_flash.tiles import load_tile, store_tile
@@ -469,10 +470,9 @@ def decode_attention(query, key_cache, value_cache, *, cache_lengths, scale: flo
     if S < 1 or K < 1 or N < 1 or H < 1:
         raise ValueError(f"empty dimension: query.shape={query.shape} key_cache.shape={key_cache.shape}")
     check_heads_and_dtypes(query=query, key_cache=key_cache, value_cache=value_cache)
-    lengths = jnp.asarray(cache_lengths)
-    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"cache_lengths must be an integer array of shape (B,) = ({B},), "
-                         f"got cache_lengths.shape={lengths.shape} dtype={lengths.dtype}")
+    if cache_lengths is None:
+        raise ValueError(f"cache_lengths must be an int32 array of shape (B,) = ({B},), got None")
+    lengths = validate_lengths(cache_lengths, B, "cache_lengths")
     window = normalize_window(local_window_size)
     window_left = None if window is None else window[0]  # the right side never reaches past the cache end
     scale = 1.0 / math.sqrt(H) if scale is None else scale
@@ -509,6 +509,6 @@ def decode_attention(query, key_cache, value_cache, *, cache_lengths, scale: flo
         head_dim_padded=_next_power_of_two(H), scale=float(scale), soft_cap=soft_cap,
         window_left=window_left, block_k=config.block_k, num_splits=config.num_splits,
         num_warps=config.num_warps, num_stages=config.num_stages, interpret=bool(interpret), **paging)
-    out, lse = _decode(query, key_cache, value_cache, lengths.astype(jnp.int32), page_table,
+    out, lse = _decode(query, key_cache, value_cache, lengths, page_table,
                        statics=statics)
     return (out, lse) if return_residual else out
