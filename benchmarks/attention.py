@@ -1,8 +1,10 @@
 """Speed, memory and accuracy of pallas_flash against jax.nn.dot_product_attention.
 
-One process times every implementation on the same inputs: pallas_flash (the Pallas kernel,
-``implementation="triton"``), ``jax.nn.dot_product_attention`` with ``implementation="xla"`` and
-``"cudnn"``, and ``tokamax.dot_product_attention`` when tokamax is importable. Each case is one
+One process times every implementation on the same inputs: pallas_flash (the package's own choice,
+``implementation=None``: the Mosaic GPU kernels on Hopper where they support the call, else the
+Triton ones; on CPU the Triton kernel in interpret mode), pallas_triton (``implementation="triton"``),
+``jax.nn.dot_product_attention`` with ``implementation="xla"`` and ``"cudnn"``, and
+``tokamax.dot_product_attention`` when tokamax is importable. Each case is one
 (shape, causal, pass, implementation); the passes are the forward and forward+backward.
 
     python -m benchmarks.attention                       # full default set on a GPU
@@ -106,7 +108,7 @@ SMOKE_TAGS = {SMOKE[0]: ("sweep",), SMOKE[1]: ("sweep", "gqa")}
 PRESETS = {"anchors": ((ANCHORS, "anchor"),), "gqa": ((GQA, "gqa"),), "sweep": ((SWEEP, "sweep"),),
            "default": ((ANCHORS, "anchor"), (GQA, "gqa"), (SWEEP, "sweep"))}
 
-IMPLS = ("pallas_flash", "xla", "cudnn", "tokamax")
+IMPLS = ("pallas_flash", "pallas_triton", "xla", "cudnn", "tokamax")
 PASSES = ("fwd", "fwdbwd")
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}
 # Relative L2 error against the float32 reference that still counts as a match. Gradients pass
@@ -164,6 +166,9 @@ def tokamax_module():
 def attention_fn(impl: str, causal: bool):
     """``f(q, k, v) -> out`` for one implementation, every one with its default scale 1/sqrt(H)."""
     if impl == "pallas_flash":
+        choice = None if jax.default_backend() == "gpu" else "triton"  # None is xla on CPU
+        return functools.partial(pallas_flash.dot_product_attention, is_causal=causal, implementation=choice)
+    if impl == "pallas_triton":
         return functools.partial(pallas_flash.dot_product_attention, is_causal=causal, implementation="triton")
     if impl in ("xla", "cudnn"):
         return functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation=impl)
@@ -599,7 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {','.join(IMPLS)}")
     elif on_gpu:
-        impls = ["pallas_flash", "xla", "cudnn"] + (["tokamax"] if tokamax_module() else [])
+        impls = ["pallas_flash", "pallas_triton", "xla", "cudnn"] + (["tokamax"] if tokamax_module() else [])
     else:
         impls = ["pallas_flash", "xla"]
     if not on_gpu:

@@ -34,6 +34,17 @@ for step in "$@"; do
     long) timeout 200 python3 -m benchmarks.tune --shape 1,16384,16,128 --baselines --out "$OUT/long.json" ;;
     sweep_nc) timeout 420 python3 -m benchmarks.tune --shape 4,4096,16,128 --causal no --sweep --out "$OUT/sweep_nc.json" ;;
     sweep_c) timeout 420 python3 -m benchmarks.tune --shape 4,4096,16,128 --causal yes --sweep --out "$OUT/sweep_c.json" ;;
+    mosaic_base) for shp in 4,4096,16,128 4,4096,16,64 4,4096,8,256; do
+                   timeout 200 python3 -m benchmarks.tune --impl mosaic --shape $shp --causal both --baselines \
+                     --out "$OUT/mosaic_base_${shp//,/x}.json" 2>&1 | grep -E "TFLOP|Error|error" | tail -20; done ;;
+    mosaic_quick) for shp in ${QUICK_SHAPES:-4,4096,16,128 4,4096,16,64}; do
+                    timeout 200 python3 -m benchmarks.tune --impl mosaic --shape $shp --causal both --baselines \
+                      --baseline-impls cudnn --out "$OUT/mosaic_quick_${shp//,/x}.json" 2>&1 | grep -E "TFLOP|Error|error" | tail -20; done ;;
+    mosaic_tests) XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 python3 -m pytest -q -p no:cacheprovider -rf \
+                  tests/test_mosaic.py 2>&1 | tail -30 | tee "$OUT/mosaic_tests.txt" ;;
+    mosaic_sweep) for shp in ${SWEEP_SHAPES:-4,4096,16,128}; do
+                    timeout ${SWEEP_TIMEOUT:-200} python3 -m benchmarks.tune --impl mosaic --shape $shp --causal no --sweep \
+                      --passes ${SWEEP_PASSES:-fwd,fwdbwd} --out "$OUT/mosaic_sweep_${shp//,/x}.json" 2>&1 | grep -E "best" | tail -40; done ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -1,6 +1,7 @@
-"""Block-size tuning for the Pallas kernel: times candidate `FlashConfig`s on your GPU.
+"""Block-size tuning for the Pallas kernels: times candidate configs on your GPU.
 
     python -m benchmarks.tune --shape 4,4096,16,128 --causal both --out tune.json
+    python -m benchmarks.tune --impl mosaic --shape 4,4096,16,128 --sweep --baselines
 
 Each candidate is timed for the forward and for forward+backward (median of rounds of back-to-back
 calls, as in `benchmarks.attention`); the fastest is printed as a ready `FlashConfig(...)` to pass
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 
 import pallas_flash
 from benchmarks.timing import timed_rounds
-from pallas_flash import FlashConfig, default_config
+from pallas_flash import FlashConfig, MosaicConfig, default_config, default_mosaic_config
+from pallas_flash.autotune import mosaic_candidates
 
 
 def time_call(fn, *args, rounds: int = 5, calls: int = 10) -> float:
@@ -66,6 +68,10 @@ def main(argv=None):
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--baselines", action="store_true", help="also time jax.nn xla and cudnn")
     parser.add_argument("--sweep", action="store_true", help="time the candidate grid, not only the default")
+    parser.add_argument("--baseline-impls", default=None,
+                        help="comma list for --baselines (default: xla,cudnn, plus triton with --impl mosaic)")
+    parser.add_argument("--impl", choices=("triton", "mosaic"), default="triton",
+                        help="which Pallas kernels to tune (mosaic: Hopper only)")
     parser.add_argument("--out", default=None, help="JSON file for all results")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -78,7 +84,12 @@ def main(argv=None):
     q, k, v, d_out = (jax.random.normal(key, (B, S, N, H), jnp.float32).astype(dtype) for key in keys)
     causal_values = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     passes = args.passes.split(",")
-    base = default_config(q_len=S, kv_len=S, head_dim=H, dtype_bytes=dtype.itemsize)
+    if args.impl == "mosaic":
+        base = default_mosaic_config(head_dim=H, is_causal=args.causal == "yes")
+        grid = mosaic_candidates
+    else:
+        base = default_config(q_len=S, kv_len=S, head_dim=H, dtype_bytes=dtype.itemsize)
+        grid = candidates
     results = []
 
     def record(label, causal, pass_name, fn, *fn_args, config=None):
@@ -101,22 +112,26 @@ def main(argv=None):
 
     for causal in causal_values:
         if args.baselines:
-            for impl in ("xla", "cudnn"):
-                fwd, grad = make_fns(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-                    q, k, v, is_causal=causal, implementation=impl))
+            impls = (args.baseline_impls.split(",") if args.baseline_impls else
+                     ["xla", "cudnn"] + (["triton"] if args.impl == "mosaic" else []))
+            for impl in impls:
+                jnn = impl != "triton"
+                fwd, grad = make_fns(lambda q, k, v, impl=impl, jnn=jnn: (
+                    jax.nn.dot_product_attention if jnn else pallas_flash.dot_product_attention)(
+                        q, k, v, is_causal=causal, implementation=impl))
                 for pass_name, fn in (("fwd", fwd), ("fwdbwd", grad)):
                     if pass_name in passes:
                         record(impl, causal, pass_name, fn, q, k, v, *((d_out,) if fn is grad else ()))
-        configs_fwd, configs_bwd = candidates(H, base) if args.sweep else ([base], [base])
+        configs_fwd, configs_bwd = grid(H, base) if args.sweep else ([base], [base])
         best = {}
         for pass_name, configs in (("fwd", configs_fwd), ("fwdbwd", configs_bwd)):
             if pass_name not in passes:
                 continue
             for config in configs:
                 fwd, grad = make_fns(lambda q, k, v, config=config: pallas_flash.dot_product_attention(
-                    q, k, v, is_causal=causal, implementation="triton", config=config))
+                    q, k, v, is_causal=causal, implementation=args.impl, config=config))
                 fn, fn_args = (fwd, (q, k, v)) if pass_name == "fwd" else (grad, (q, k, v, d_out))
-                seconds = record("pallas_flash", causal, pass_name, fn, *fn_args, config=config)
+                seconds = record(args.impl, causal, pass_name, fn, *fn_args, config=config)
                 if seconds and seconds < best.get(pass_name, (float("inf"),))[0]:
                     best[pass_name] = (seconds, config)
         for pass_name, (seconds, config) in best.items():

@@ -14,13 +14,16 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from pallas_flash import reference
-from pallas_flash.config import FlashConfig, FlashStatics, default_config
+from pallas_flash.config import (FlashConfig, FlashStatics, MOSAIC_SMEM_LIMIT, MosaicConfig, MosaicStatics,
+                                 default_config, default_mosaic_config)
 from pallas_flash.flash import flash_attention
 from pallas_flash.masking import MaskSpec
+from pallas_flash.mosaic_backward import mosaic_backward_unsupported
 
-Implementation = Literal["triton", "xla"]
-IMPLEMENTATIONS = (None, "triton", "xla")
+Implementation = Literal["mosaic", "triton", "xla"]
+IMPLEMENTATIONS = (None, "mosaic", "triton", "xla")
 KERNEL_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+MOSAIC_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 MAX_HEAD_DIM = 256
 
 
@@ -118,8 +121,28 @@ def _kernel_unsupported(query, scale) -> str | None:
     return None
 
 
+def _mosaic_unsupported(query, scale, *, features: dict) -> str | None:
+    """Why the Mosaic GPU (Hopper) kernels cannot take this call yet (None: they can)."""
+    if query.dtype not in MOSAIC_DTYPES:
+        return f"the Mosaic GPU kernels support float16 and bfloat16, got {query.dtype}"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"the Mosaic GPU kernels support head dims up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
+    if not isinstance(scale, (int, float, np.floating, np.integer)):
+        return "the Mosaic GPU kernels need a static (Python number) scale"
+    used = [name for name, value in features.items() if value is not None]
+    if used:
+        return f"the Mosaic GPU kernels do not support {', '.join(used)} yet (use implementation='triton')"
+    if _on_gpu() and not _is_hopper():
+        return "the Mosaic GPU kernels need a Hopper GPU (compute capability 9.x)"
+    return None
+
+
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _is_hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
 def dot_product_attention(
@@ -169,13 +192,16 @@ def dot_product_attention(
         equal. Any ids are exact; whole blocks are skipped best when ids are non-decreasing per row.
       logits_soft_cap: ``cap > 0`` or None (not in jax.nn): logits become ``cap * tanh(logits / cap)``
         after the scale and before the bias and every mask (Gemma 2 order).
-      implementation: ``"triton"`` (the Pallas kernel; interpret mode, slow, when no GPU is present),
-        ``"xla"`` (the pure-jnp float32 reference, O(T*S) memory) or None: the kernel on a GPU when it
-        supports the call, else ``"xla"``.
+      implementation: ``"mosaic"`` (the FlashAttention-3 style Pallas Mosaic GPU kernels for Hopper:
+        float16/bfloat16, causal or not, any T/S/H <= 256, GQA; no bias, mask, lengths, window,
+        segment ids or soft cap yet), ``"triton"`` (the Pallas Triton kernels, every feature),
+        ``"xla"`` (the pure-jnp float32 reference, O(T*S) memory) or None: on a Hopper GPU
+        ``"mosaic"`` when it supports the call, else ``"triton"`` on any GPU when it does, else
+        ``"xla"``. Both Pallas kernels run in interpret mode (slow) when no GPU is present.
       return_residual: also return the natural-log log-sum-exp of the scaled logits, ``[B, T, N]``
         (``[T, N]`` for 3-D input) in the input dtype, not differentiated (as in jax.nn).
-      config: block sizes, warps and stages of the kernel (`FlashConfig`); a per-shape heuristic
-        when None.
+      config: block sizes and stages of the kernel: a `FlashConfig` (Triton) or a `MosaicConfig`
+        (Mosaic GPU), matching the implementation that runs; a per-shape default when None.
 
     Returns:
       ``[B, T, N, H]`` in the query dtype, and the log-sum-exp when ``return_residual``.
@@ -187,7 +213,8 @@ def dot_product_attention(
 
     Raises:
       ValueError: inputs of the wrong rank, shape or dtype, a bad window or implementation name.
-      NotImplementedError: ``implementation="triton"`` with an input the kernel cannot take yet.
+      NotImplementedError: ``implementation="triton"`` or ``"mosaic"`` with an input that kernel
+        cannot take yet.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -205,8 +232,9 @@ def dot_product_attention(
     if 0 in q.shape or 0 in k.shape:
         raise ValueError(f"empty dimension: query.shape={q.shape} key.shape={k.shape}")
     check_heads_and_dtypes(query=q, key=k, value=v)
-    if config is not None and not isinstance(config, FlashConfig):
-        raise ValueError(f"config must be a pallas_flash.FlashConfig or None, got {config!r}")
+    if config is not None and not isinstance(config, (FlashConfig, MosaicConfig)):
+        raise ValueError(f"config must be a pallas_flash.FlashConfig, a pallas_flash.MosaicConfig or None, "
+                         f"got {config!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(
             scale, (int, float, np.integer, np.floating, jax.Array, np.ndarray))):
         raise ValueError(f"scale must be a number or None, got {scale!r}")
@@ -230,16 +258,42 @@ def dot_product_attention(
     scale = 1.0 / math.sqrt(H) if scale is None else scale
 
     reason = _kernel_unsupported(q, scale)
+    mosaic_reason = _mosaic_unsupported(q, scale, features=dict(
+        bias=bias, mask=mask, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
+        local_window_size=window, segment_ids=segments, logits_soft_cap=soft_cap))
     if implementation == "triton" and reason is not None:
         raise NotImplementedError(reason)
-    if implementation == "triton" or (implementation is None and _on_gpu() and reason is None):
+    if implementation == "mosaic" and mosaic_reason is not None:
+        raise NotImplementedError(mosaic_reason)
+    if implementation is None and _on_gpu():
+        if mosaic_reason is None and not isinstance(config, FlashConfig):
+            implementation = "mosaic"
+        elif reason is None:
+            implementation = "triton"
+    if config is not None and implementation in ("mosaic", "triton") and not isinstance(
+            config, MosaicConfig if implementation == "mosaic" else FlashConfig):
+        raise ValueError(f"implementation={implementation!r} takes a "
+                         f"{'MosaicConfig' if implementation == 'mosaic' else 'FlashConfig'}, got {config!r}")
+    if implementation in ("mosaic", "triton"):
         spec = MaskSpec(q_len=T, kv_len=S, is_causal=bool(is_causal), window=window,
                         has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
                         has_segment_ids=segments is not None, has_mask=mask is not None,
                         soft_cap=soft_cap)
-        tuning = config or default_config(q_len=T, kv_len=S, head_dim=H, dtype_bytes=q.dtype.itemsize)
+        tuning = (config if isinstance(config, FlashConfig) else
+                  default_config(q_len=T, kv_len=S, head_dim=H, dtype_bytes=q.dtype.itemsize))
+        mosaic = None
+        if implementation == "mosaic":
+            mosaic_cfg = config or default_mosaic_config(head_dim=H, is_causal=bool(is_causal))
+            mosaic = MosaicStatics(config=mosaic_cfg, scale=float(scale), is_causal=bool(is_causal), q_len=T,
+                                   kv_len=S, head_dim=H, groups=N // K, interpret=not _on_gpu())
+            smem = mosaic.config.smem_bytes(H, q.dtype.itemsize)
+            if mosaic_backward_unsupported(mosaic) is not None:
+                smem = {"forward": smem["forward"]}  # the Triton backward runs instead
+            if max(smem.values()) > MOSAIC_SMEM_LIMIT:
+                raise ValueError(f"{mosaic.config} needs {smem} bytes of shared memory at head dim {H}, more "
+                                 f"than the {MOSAIC_SMEM_LIMIT} a CTA can use")
         statics = FlashStatics(mask=spec, scale=float(scale), head_dim=H, tuning=tuning,
-                               interpret=not _on_gpu())
+                               interpret=not _on_gpu(), mosaic=mosaic)
         # Broadcast dims stay size 1 all the way into the kernels; int8 because Triton has no
         # boolean loads.
         kernel_mask = None if mask is None else mask.astype(jnp.int8)

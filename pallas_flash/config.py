@@ -1,4 +1,4 @@
-"""Tuning knobs of the Pallas (Triton backend) kernels.
+"""Tuning knobs of the Pallas kernels (Triton backend: `FlashConfig`; Mosaic GPU: `MosaicConfig`).
 
 Only *how* the work is tiled lives here; *what* is computed (causality, windows, lengths) lives in
 `masking.MaskSpec`, so a tuning change can never change a result.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import numpy as np
@@ -119,7 +120,7 @@ class FlashStatics:
     """Everything static about one attention call: the custom_vjp's single non-differentiable argument.
 
     ``scale`` multiplies the logits (natural units); ``tuning`` only tiles the work; ``mask`` (a
-    `masking.MaskSpec`) decides what is computed.
+    `masking.MaskSpec`) decides what is computed; ``mosaic`` picks the Hopper kernels.
     """
 
     mask: MaskSpec
@@ -127,8 +128,134 @@ class FlashStatics:
     head_dim: int
     tuning: FlashConfig
     interpret: bool = False
+    # Set: the Mosaic GPU (Hopper) kernels run the forward and, where `mosaic_backward` supports
+    # the call, the backward; the Triton backward takes the rest from the same residuals.
+    mosaic: "MosaicStatics | None" = None
 
     @property
     def head_dim_padded(self) -> int:
         """Triton tiles are powers of two and tensor-core dots want >= 16 columns."""
         return max(16, 1 << (self.head_dim - 1).bit_length())
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Tiling of the Mosaic GPU (Hopper, FlashAttention-3 style) kernels.
+
+    Forward: each of the two consumer warpgroups owns ``block_q`` query rows (a CTA ``2 * block_q``)
+    and streams ``block_kv`` key rows through a ``num_stages`` deep TMA ring. Backward: dK/dV gives
+    each consumer ``block_kv_dkv`` resident key rows and streams ``block_q_dkv`` query rows; dQ
+    gives each consumer ``block_q_dq`` resident query rows and streams ``block_kv_dq`` key rows.
+    wgmma works on 64-row slabs per warpgroup, so every block is a multiple of 64.
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"MosaicConfig.{field.name} must be an int, got {value!r}")
+            object.__setattr__(self, field.name, int(value))
+            if field.name.startswith("block_") and (value < 64 or value % 64):
+                raise ValueError(f"MosaicConfig.{field.name} must be a positive multiple of 64, got {value}")
+            if field.name.startswith("num_stages") and value < 2:
+                # One slot could not be refilled while its partner consumer still reads it.
+                raise ValueError(f"MosaicConfig.{field.name} must be >= 2, got {value}")
+
+    def replace(self, **changes) -> "MosaicConfig":
+        return dataclasses.replace(self, **changes)
+
+    def smem_bytes(self, head_dim: int, dtype_bytes: int = 2) -> dict[str, int]:
+        """Shared memory of each kernel (operand tiles only), to reject configs that cannot launch."""
+        hp = _round_up(head_dim, 64)
+        return {
+            "forward": (2 * self.block_q + 2 * self.num_stages * self.block_kv) * hp * dtype_bytes,
+            "dkv": (2 * 2 * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * hp * dtype_bytes,
+            "dq": (2 * 2 * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
+        }
+
+
+# H100 shared memory per CTA (227 KiB) less room for barriers and the log-sum-exp tiles.
+MOSAIC_SMEM_LIMIT = 220 * 1024
+
+
+def default_mosaic_config(*, head_dim: int, is_causal: bool = False) -> MosaicConfig:
+    """Per-head-dim defaults, from the H100 sweeps in NOTES.md."""
+    hp = _round_up(head_dim, 64)
+    # 4x4096x16xH bf16 sweeps (benchmarks/tune.py --impl mosaic): a non-causal head dim 64 wants 128
+    # query rows per consumer (its tiles are cheap, so more rows amortise each K/V tile); causal, the
+    # larger tile wastes more work on the diagonal and 64 rows measured faster (377 vs 356 TFLOP/s).
+    if hp <= 64:
+        return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2)
+    if hp <= 128:
+        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128)
+    # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
+    return MosaicConfig(block_q=64, block_kv=64, num_stages=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicStatics:
+    """Everything static about one call of the Mosaic GPU kernels.
+
+    Sequences are zero-padded to tile multiples of every kernel (``pad_inputs``); tiles of pure
+    padding are never visited. Padded keys are masked in the forward and the dQ kernel; padded
+    query rows carry zero dO, so they add nothing to dK/dV.
+    """
+
+    config: MosaicConfig
+    scale: float
+    is_causal: bool
+    q_len: int
+    kv_len: int
+    head_dim: int
+    groups: int
+    interpret: bool = False
+    detect_races: bool = False
+
+    @property
+    def head_dim_padded(self) -> int:
+        return _round_up(self.head_dim, 64)
+
+    @property
+    def q_len_padded(self) -> int:
+        c = self.config
+        return _round_up(self.q_len, math.lcm(2 * c.block_q, c.block_q_dkv, 2 * c.block_q_dq))
+
+    @property
+    def kv_len_padded(self) -> int:
+        c = self.config
+        multiple = math.lcm(c.block_kv, 2 * c.block_kv_dkv, c.block_kv_dq)
+        return _round_up(self.kv_len, multiple)
+
+    @property
+    def forward_stages(self) -> int:
+        return min(self.config.num_stages, -(-self.kv_len // self.config.block_kv))
+
+    def pad_inputs(self, q, k, v):
+        """Zero-pads ``q [B, T, N, H]`` and ``k, v [B, S, K, H]`` to the padded lengths."""
+        dh = self.head_dim_padded - self.head_dim
+        k = _pad(k, self.kv_len_padded - self.kv_len, dh)
+        v = _pad(v, self.kv_len_padded - self.kv_len, dh)
+        return self.pad_queries(q), k, v
+
+    def pad_queries(self, x):
+        """Zero-pads a ``[B, T, N, H]`` query-side array (Q, dO) to the padded lengths."""
+        return _pad(x, self.q_len_padded - self.q_len, self.head_dim_padded - self.head_dim)
+
+
+def _pad(x, rows: int, cols: int):
+    if rows == 0 and cols == 0:
+        return x
+    return jax.numpy.pad(x, ((0, 0), (0, rows), (0, 0), (0, cols)))

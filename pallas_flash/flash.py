@@ -15,12 +15,21 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from pallas_flash.backward import flash_backward
 from pallas_flash.config import FlashStatics
 from pallas_flash.forward import flash_forward
+from pallas_flash.mosaic_backward import mosaic_backward, mosaic_backward_unsupported
+from pallas_flash.mosaic_forward import mosaic_forward
+
+
+def _forward(statics: FlashStatics, q, k, v, q_lengths, kv_lengths, segments, bias, mask):
+    if statics.mosaic is not None:
+        # The API sends only calls without lengths, segments, bias or mask to the Mosaic kernels.
+        return mosaic_forward(q, k, v, statics=statics.mosaic)
+    return flash_forward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, statics=statics)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def flash_attention(statics: FlashStatics, q, k, v, q_lengths, kv_lengths, segments, bias, mask):
     """Returns ``(out, lse2)``; see `forward.flash_forward`."""
-    return flash_forward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, statics=statics)
+    return _forward(statics, q, k, v, q_lengths, kv_lengths, segments, bias, mask)
 
 
 def _value(x):
@@ -34,7 +43,7 @@ def _flash_attention_fwd(statics, q, k, v, q_lengths, kv_lengths, segments, bias
     bias_grad = bias is not None and bias.perturbed
     args = jax.tree.map(_value, (q, k, v, q_lengths, kv_lengths, segments, bias, mask),
                         is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
-    out, lse = flash_forward(*args, statics=statics)
+    out, lse = _forward(statics, *args)
     return (out, lse), (*args, out, lse, args[6] if bias_grad else None)
 
 
@@ -45,6 +54,11 @@ def _flash_attention_bwd(statics, residuals, cotangents):
     d_out, _ = cotangents
     if isinstance(d_out, SymbolicZero):
         d_out = jax.numpy.zeros_like(out)
+    if statics.mosaic is not None and mosaic_backward_unsupported(statics.mosaic) is None:
+        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, statics=statics.mosaic)
+        return dq, dk, dv, None, None, None, None, None
+    # Both forwards write the same base-2 log-sum-exp, so the Triton backward takes what the Mosaic
+    # backward does not support yet.
     dq, dk, dv, dbias = flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out,
                                        lse, d_out, statics=statics, bias_grad=grad_bias is not None)
     # Integer and boolean inputs (lengths, segment ids, the mask) have no cotangent.

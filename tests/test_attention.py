@@ -27,7 +27,8 @@ def _lengths(rng, B, n, *, include_zero):
 
 
 def check_case(rng, *, B, T, S, N, K, H, dtype, is_causal=False, window=None, q_lengths=False,
-               kv_lengths=False, config=None, grads=True, soft_cap=None, segment_ids=None):
+               kv_lengths=False, config=None, grads=True, soft_cap=None, segment_ids=None,
+               implementation="triton"):
     """``segment_ids`` is ``(q_ids [B, T], kv_ids [B, S])`` or None."""
     k_in, k_q, k_kv = jax.random.split(rng, 3)
     q, k, v, d_out = random_inputs(k_in, B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
@@ -44,7 +45,7 @@ def check_case(rng, *, B, T, S, N, K, H, dtype, is_causal=False, window=None, q_
 
     @jax.jit
     def kernel(q, k, v):
-        return pallas_flash.dot_product_attention(q, k, v, implementation="triton", config=config,
+        return pallas_flash.dot_product_attention(q, k, v, implementation=implementation, config=config,
                                                   return_residual=True, **api_masks)
 
     @jax.jit

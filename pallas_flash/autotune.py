@@ -1,0 +1,122 @@
+"""Pick the fastest `MosaicConfig` for one problem on your own GPU, and remember it.
+
+    cfg = pallas_flash.autotune.autotune(q, k, v, is_causal=True)   # times candidates once
+    out = pallas_flash.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic", config=cfg)
+
+Results are cached in a JSON file (``$PALLAS_FLASH_TUNING_CACHE``, else
+``~/.cache/pallas_flash/mosaic_tuning.json``) keyed by device kind, jax version, shapes, dtype,
+causality and the timed pass, so later calls (and later processes) return at once. The shipped
+defaults (`config.default_mosaic_config`) come from the same kind of sweep on an H100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from pallas_flash.config import MOSAIC_SMEM_LIMIT, MosaicConfig, default_mosaic_config
+
+
+def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[list, list]:
+    """(forward candidates, backward candidates) around ``base``: the forward varies the query rows
+    per consumer, the K/V tile and the ring depth; the backward the tiles of both kernels and its
+    ring depth. Configs over the shared-memory budget are left out."""
+    base = base or default_mosaic_config(head_dim=head_dim)
+    fwd = [base.replace(block_q=bq, block_kv=bk, num_stages=s)
+           for bq, bk, s in itertools.product((64, 128), (64, 128, 192), (2, 3, 4))]
+    tiles = ((64, 64, 64, 64), (128, 64, 64, 128), (64, 64, 64, 128), (128, 64, 64, 64))
+    bwd = [base.replace(block_q_dkv=a, block_kv_dkv=b, block_q_dq=c, block_kv_dq=d, num_stages_bwd=s)
+           for (a, b, c, d), s in itertools.product(tiles, (2, 3))]
+    fits = lambda c, kernels: all(c.smem_bytes(head_dim)[k] <= MOSAIC_SMEM_LIMIT for k in kernels)
+    # Head dims over 128 run the Triton backward (see mosaic_backward), so only the forward counts.
+    bwd_kernels = ("dkv", "dq") if head_dim <= 128 else ()
+    return [c for c in fwd if fits(c, ("forward",))], [c for c in bwd if fits(c, bwd_kernels)]
+
+
+def cache_path() -> Path:
+    env = os.environ.get("PALLAS_FLASH_TUNING_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pallas_flash" / "mosaic_tuning.json"
+
+
+def _key(q, k, is_causal: bool, pass_: str) -> str:
+    return json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, q=list(q.shape),
+                           k=list(k.shape), dtype=str(q.dtype), causal=bool(is_causal), pass_=pass_),
+                      sort_keys=True)
+
+
+def _median_seconds(fn, args, rounds: int, calls: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call)
+
+
+def autotune(q, k, v, *, is_causal: bool = False, pass_: str = "fwdbwd", candidates=None,
+             rounds: int = 3, calls: int = 5, use_cache: bool = True, verbose: bool = False,
+             timer=None) -> MosaicConfig:
+    """The fastest of ``candidates`` (default: `mosaic_candidates`) for these inputs.
+
+    ``pass_="fwd"`` times the forward only; ``"fwdbwd"`` tunes the forward tiles on the forward and
+    then the backward tiles on forward+backward, keeping the best forward tiles. Candidates that
+    fail to compile count as infinitely slow. Timing is only meaningful on a GPU. ``timer(config,
+    backward) -> seconds`` replaces the built-in median-of-rounds clock.
+    """
+    from pallas_flash.api import dot_product_attention  # the API imports this module's package
+
+    if pass_ not in ("fwd", "fwdbwd"):
+        raise ValueError(f"pass_ must be 'fwd' or 'fwdbwd', got {pass_!r}")
+    key = _key(q, k, is_causal, pass_)
+    path = cache_path()
+    cache = json.loads(path.read_text()) if use_cache and path.exists() else {}
+    if key in cache:
+        return MosaicConfig(**cache[key])
+
+    H = q.shape[-1]
+    base = default_mosaic_config(head_dim=H, is_causal=is_causal)
+    fwd_candidates, bwd_candidates = candidates if candidates is not None else mosaic_candidates(H, base)
+    d_out = jnp.ones_like(q)
+
+    def clock(config, backward: bool) -> float:
+        attn = lambda q, k, v: dot_product_attention(q, k, v, is_causal=is_causal, implementation="mosaic",
+                                                     config=config)
+        if backward:
+            loss = lambda q, k, v: jnp.sum((attn(q, k, v) * d_out).astype(jnp.float32))
+            fn, args = jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v)
+        else:
+            fn, args = jax.jit(attn), (q, k, v)
+        return _median_seconds(fn, args, rounds, calls)
+
+    def timed(config, backward: bool) -> float:
+        try:
+            seconds = (timer or clock)(config, backward)
+        except Exception as err:  # noqa: BLE001 - a candidate that cannot compile is a result
+            if verbose:
+                print(f"{config}: {type(err).__name__}")
+            return float("inf")
+        if verbose:
+            print(f"{config}: {seconds * 1e3:.3f} ms", flush=True)
+        return seconds
+
+    best = min(fwd_candidates or [base], key=lambda c: timed(c, backward=False))
+    if pass_ == "fwdbwd":
+        forward_tiles = dict(block_q=best.block_q, block_kv=best.block_kv, num_stages=best.num_stages)
+        best = min([c.replace(**forward_tiles) for c in (bwd_candidates or [best])],
+                   key=lambda c: timed(c, backward=True))
+    if use_cache:
+        cache[key] = dataclasses.asdict(best)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    return best
