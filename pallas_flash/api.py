@@ -18,7 +18,6 @@ from pallas_flash.config import (FlashConfig, FlashStatics, MOSAIC_SMEM_LIMIT, M
                                  default_config, default_mosaic_config)
 from pallas_flash.flash import flash_attention
 from pallas_flash.masking import MaskSpec
-from pallas_flash.mosaic_backward import mosaic_backward_unsupported
 
 Implementation = Literal["mosaic", "triton", "xla"]
 IMPLEMENTATIONS = (None, "mosaic", "triton", "xla")
@@ -287,8 +286,6 @@ def dot_product_attention(
             mosaic = MosaicStatics(config=mosaic_cfg, scale=float(scale), is_causal=bool(is_causal), q_len=T,
                                    kv_len=S, head_dim=H, groups=N // K, interpret=not _on_gpu())
             smem = mosaic.config.smem_bytes(H, q.dtype.itemsize)
-            if mosaic_backward_unsupported(mosaic) is not None:
-                smem = {"forward": smem["forward"]}  # the Triton backward runs instead
             if max(smem.values()) > MOSAIC_SMEM_LIMIT:
                 raise ValueError(f"{mosaic.config} needs {smem} bytes of shared memory at head dim {H}, more "
                                  f"than the {MOSAIC_SMEM_LIMIT} a CTA can use")

@@ -36,9 +36,7 @@ def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[
     bwd = [base.replace(block_q_dkv=a, block_kv_dkv=b, block_q_dq=c, block_kv_dq=d, num_stages_bwd=s)
            for (a, b, c, d), s in itertools.product(tiles, (2, 3))]
     fits = lambda c, kernels: all(c.smem_bytes(head_dim)[k] <= MOSAIC_SMEM_LIMIT for k in kernels)
-    # Head dims over 128 run the Triton backward (see mosaic_backward), so only the forward counts.
-    bwd_kernels = ("dkv", "dq") if head_dim <= 128 else ()
-    return [c for c in fwd if fits(c, ("forward",))], [c for c in bwd if fits(c, bwd_kernels)]
+    return [c for c in fwd if fits(c, ("forward",))], [c for c in bwd if fits(c, ("dkv", "dq"))]
 
 
 def cache_path() -> Path:

@@ -178,12 +178,20 @@ class MosaicConfig:
         return dataclasses.replace(self, **changes)
 
     def smem_bytes(self, head_dim: int, dtype_bytes: int = 2) -> dict[str, int]:
-        """Shared memory of each kernel (operand tiles only), to reject configs that cannot launch."""
+        """Shared memory of each kernel (operand tiles only), to reject configs that cannot launch.
+        Above head dim 128 the backward runs separate dV and dK passes and one consumer in the dK
+        and dQ passes (`mosaic_backward`)."""
         hp = _round_up(head_dim, 64)
+        ring_dkv = 2 * self.num_stages_bwd * self.block_q_dkv
+        ring_dq = 2 * self.num_stages_bwd * self.block_kv_dq
+        if hp <= 128:
+            dkv, dq = 2 * 2 * self.block_kv_dkv + ring_dkv, 2 * 2 * self.block_q_dq + ring_dq
+        else:
+            dkv, dq = 2 * self.block_kv_dkv + ring_dkv, 2 * self.block_q_dq + ring_dq
         return {
             "forward": (2 * self.block_q + 2 * self.num_stages * self.block_kv) * hp * dtype_bytes,
-            "dkv": (2 * 2 * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * hp * dtype_bytes,
-            "dq": (2 * 2 * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
+            "dkv": dkv * hp * dtype_bytes,
+            "dq": dq * hp * dtype_bytes,
         }
 
 

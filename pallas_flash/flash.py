@@ -15,7 +15,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from pallas_flash.backward import flash_backward
 from pallas_flash.config import FlashStatics
 from pallas_flash.forward import flash_forward
-from pallas_flash.mosaic_backward import mosaic_backward, mosaic_backward_unsupported
+from pallas_flash.mosaic_backward import mosaic_backward
 from pallas_flash.mosaic_forward import mosaic_forward
 
 
@@ -54,11 +54,9 @@ def _flash_attention_bwd(statics, residuals, cotangents):
     d_out, _ = cotangents
     if isinstance(d_out, SymbolicZero):
         d_out = jax.numpy.zeros_like(out)
-    if statics.mosaic is not None and mosaic_backward_unsupported(statics.mosaic) is None:
+    if statics.mosaic is not None:
         dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, statics=statics.mosaic)
         return dq, dk, dv, None, None, None, None, None
-    # Both forwards write the same base-2 log-sum-exp, so the Triton backward takes what the Mosaic
-    # backward does not support yet.
     dq, dk, dv, dbias = flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out,
                                        lse, d_out, statics=statics, bias_grad=grad_bias is not None)
     # Integer and boolean inputs (lengths, segment ids, the mask) have no cotangent.

@@ -13,6 +13,11 @@ gradients are bitwise deterministic:
 All four products per tile run on ``wgmma``: ``S^T = K Q^T`` and ``dP^T = V dO^T`` from shared
 memory, ``dV += P^T dO`` and ``dK += dS^T Q`` with P and dS straight from registers.
 
+Head dims above 128: two 64 x 256 float32 accumulators would need 256 registers per thread, so dV
+and dK take one pass each (the dV pass recomputes S, the dK pass S and dP: five products per tile
+pair instead of four), and the dK and dQ passes, which keep two 64 x 256 tiles resident next to a
+two-slot ring, run one consumer warpgroup per CTA to fit shared memory.
+
 Causal masking skips every tile that lies wholly above the diagonal and masks only those that
 straddle it. The two consumers of a CTA own different rows, so one may skip steps that the other
 computes: it still waits for each tile and releases it, which keeps every barrier's phases in step.
@@ -29,18 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_flash.config import MosaicStatics
-from pallas_flash.mosaic_forward import (LOG2_E, _COMPUTE_WGS, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS,
-                                         compiler_params, interpret_params, mma, mma_into,
-                                         smem_transforms)
-
-
-def mosaic_backward_unsupported(statics: MosaicStatics) -> str | None:
-    """Why the Mosaic backward cannot take this call (None: it can)."""
-    if statics.head_dim_padded > 128:
-        # Two float32 accumulators of 64 x 256 (dK and dV) are 256 registers per thread: more than
-        # a consumer warpgroup can hold, so wide heads keep the Triton backward for now.
-        return f"the Mosaic GPU backward supports head dims up to 128, got {statics.head_dim}"
-    return None
+from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, launch, mma,
+                                         mma_into, smem_transforms)
 
 
 def _ready_all(barriers, slot):
@@ -48,10 +43,16 @@ def _ready_all(barriers, slot):
         plgpu.barrier_wait(b.at[slot])
 
 
-def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
-                k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
-                kv_ready, q_ready, do_ready, lse_ready, delta_ready, consumed, *,
-                statics: MosaicStatics):
+def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: MosaicStatics,
+                consumers: int, outputs: str):
+    """``outputs``: "dkdv" (both, one pass), "dv" or "dk" (one pass each, for wide heads)."""
+    want_dk, want_dv = outputs in ("dkdv", "dk"), outputs in ("dkdv", "dv")
+    refs = list(refs)
+    dk_ref = refs.pop(0) if want_dk else None
+    dv_ref = refs.pop(0) if want_dv else None
+    k_smem2 = refs.pop(0)
+    v_smem2 = refs.pop(0) if want_dk else None  # V only enters through dP, which only dK needs
+    q_smem, do_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, lse_ready, delta_ready, consumed = refs
     cfg = statics.config
     block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
     causal, groups = statics.is_causal, statics.groups
@@ -62,54 +63,61 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
-    cta_k0 = lax.axis_index("kv_seq") * (_COMPUTE_WGS * block_kv)
+    cta_k0 = lax.axis_index("kv_seq") * (consumers * block_kv)
     # Causal: query row i sees key j only if j <= i, so rows above this CTA's first key are skipped.
     first_tile = cta_k0 // block_q if causal else 0
     tiles = num_q_tiles - first_tile
     steps = groups * tiles
     stages = cfg.num_stages_bwd
-    ring = (q_ready, do_ready, lse_ready, delta_ready)
+    ring = (q_ready, do_ready, lse_ready) + ((delta_ready,) if want_dk else ())
 
     def step_tile(s):
         g = lax.div(s, tiles)
         return kv_head * groups + g, first_tile + s - g * tiles
 
-    @pl.when(wg < _COMPUTE_WGS)
+    @pl.when(wg < consumers)
     def _consumer():
         plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        k_smem = k_smem2.at[wg]
+        v_smem = v_smem2.at[wg] if want_dk else None
         k0 = cta_k0 + wg * block_kv
         rows = (batch, pl.ds(k0, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_ready.at[2 * wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[2 * wg + 1])
         plgpu.barrier_wait(kv_ready.at[2 * wg])
-        plgpu.barrier_wait(kv_ready.at[2 * wg + 1])
+        if want_dk:
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[2 * wg + 1])
+            plgpu.barrier_wait(kv_ready.at[2 * wg + 1])
 
         zeros = jnp.zeros((block_kv, statics.head_dim_padded), jnp.float32)
-        dk = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-        dv = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+        accs = tuple(plgpu.layout_cast(zeros, plgpu.Layout.WGMMA) for _ in range(want_dk + want_dv))
 
         def step(s, carry, *, t, masked: bool):
-            dk, dv = carry
             slot = lax.rem(s, stages)
             _ready_all(ring, slot)
             # Two waits per tile, not four: S^T and dP^T go to the tensor cores back to back,
             # then dV and dK.
             shape = (block_kv, block_q)
-            st, dpt = mma((k_smem, q_smem.at[slot].transpose((1, 0)), shape),
-                          (v_smem, do_smem.at[slot].transpose((1, 0)), shape))
+            st_smem = (k_smem, q_smem.at[slot].transpose((1, 0)), shape)
+            if want_dk:
+                st, dpt = mma(st_smem, (v_smem, do_smem.at[slot].transpose((1, 0)), shape))
+            else:
+                (st,) = mma(st_smem)
             lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, shape, [1]))
             if masked:
                 keys = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + k0
                 queries = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
                 pt = jnp.where(keys <= queries + t(s) * block_q, pt, 0.0)
-            delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
-            dv, dk = mma_into(statics, (dv, pt.astype(dtype), do_smem.at[slot]),
-                              (dk, dst.astype(dtype), q_smem.at[slot]))
+            products = []
+            if want_dk:
+                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
+                products.append((carry[0], dst.astype(dtype), q_smem.at[slot]))
+            if want_dv:
+                products.append((carry[-1], pt.astype(dtype), do_smem.at[slot]))
+            carry = mma_into(statics, *products)
             plgpu.barrier_arrive(consumed.at[slot])
-            return dk, dv
+            return carry
 
         def skip(s):
             slot = lax.rem(s, stages)
@@ -132,16 +140,22 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
             return lax.fori_loop(base + t_full, base + num_q_tiles,
                                  functools.partial(step, t=t, masked=False), carry)
 
-        dk, dv = lax.fori_loop(0, groups, group, (dk, dv))
-        # Both products of S used the scaled logits' P; dK also needs the scale's chain rule.
-        k_smem[...] = (dk * statics.scale).astype(dtype)
-        v_smem[...] = dv.astype(dtype)
+        accs = lax.fori_loop(0, groups, group, accs)
+        # K (and V) are dead now: their tiles carry the results out. dK also needs the scale's
+        # chain rule (S = scale * Q K^T); dV does not.
+        if want_dk:
+            k_smem[...] = (accs[0] * statics.scale).astype(dtype)
+        out_smem = v_smem if want_dk else k_smem
+        if want_dv:
+            out_smem[...] = accs[-1].astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+        if want_dk:
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+        if want_dv:
+            plgpu.copy_smem_to_gmem(out_smem, dv_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
+    @pl.when(wg == consumers)
     def _producer():
         plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
 
@@ -151,8 +165,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
             plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_ready.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_ready.at[slot])
             plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], lse_ready.at[slot])
-            plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
-                                    delta_ready.at[slot])
+            if want_dk:
+                plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
+                                        delta_ready.at[slot])
 
         for i in range(stages):
             pl.when(i < steps)(functools.partial(load, i, i))
@@ -170,14 +185,14 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
                q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-               rows_ready, k_ready, v_ready, consumed, *, statics: MosaicStatics):
+               rows_ready, k_ready, v_ready, consumed, *, statics: MosaicStatics, consumers: int):
     cfg = statics.config
     block_q, block_kv = cfg.block_q_dq, cfg.block_kv_dq
     causal, kv_len = statics.is_causal, statics.kv_len
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
     num_kv_blocks = pl.cdiv(kv_len, block_kv)
-    num_q_tiles = statics.q_len_padded // (_COMPUTE_WGS * block_q)
+    num_q_tiles = statics.q_len_padded // (consumers * block_q)
 
     batch = lax.axis_index("batch")
     head = lax.axis_index("heads")
@@ -185,7 +200,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
     if causal:
         tile = num_q_tiles - 1 - tile  # longest rows first
     wg = lax.axis_index("wg")
-    cta_q0 = tile * (_COMPUTE_WGS * block_q)
+    cta_q0 = tile * (consumers * block_q)
 
     def kv_steps(q0):
         full = kv_len // block_kv
@@ -197,7 +212,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
     _, cta_steps = kv_steps(cta_q0 + block_q)
     stages = min(cfg.num_stages_bwd, num_kv_blocks)
 
-    @pl.when(wg < _COMPUTE_WGS)
+    @pl.when(wg < consumers)
     def _consumer():
         plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -252,7 +267,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
+    @pl.when(wg == consumers)
     def _producer():
         plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
         kv_head = lax.div(head, jnp.asarray(statics.groups, head.dtype))
@@ -296,47 +311,49 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
     def tiles(count, rows):
         return plgpu.SMEM((count, rows, Hp), q.dtype, transforms=transforms)
 
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, statics=statics),
-        out_type=[jax.ShapeDtypeStruct(kp.shape, k.dtype)] * 2,
-        scratch_types=[
-            tiles(_COMPUTE_WGS, cfg.block_kv_dkv), tiles(_COMPUTE_WGS, cfg.block_kv_dkv),
-            tiles(stages, cfg.block_q_dkv), tiles(stages, cfg.block_q_dkv),
-            plgpu.SMEM((stages, cfg.block_q_dkv), jnp.float32),
-            plgpu.SMEM((stages, cfg.block_q_dkv), jnp.float32),
-            plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS),
-            *[plgpu.Barrier(num_barriers=stages)] * 4,
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-        ],
-        grid=(K, Sp // (_COMPUTE_WGS * cfg.block_kv_dkv), B),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params(),
-        interpret=interpret_params(statics),
-        kernel_name="pallas_flash_mosaic_dkv",
-    )(qp, dop, lse, delta, kp, vp)
+    def dkv(outputs: str, consumers: int):
+        return launch(
+            functools.partial(_dkv_kernel, consumers=consumers, outputs=outputs), statics=statics,
+            out_type=[jax.ShapeDtypeStruct(kp.shape, k.dtype)] * (2 if outputs == "dkdv" else 1),
+            scratch=[
+                *[tiles(consumers, cfg.block_kv_dkv)] * (1 if outputs == "dv" else 2),
+                tiles(stages, cfg.block_q_dkv), tiles(stages, cfg.block_q_dkv),
+                plgpu.SMEM((stages, cfg.block_q_dkv), jnp.float32),
+                plgpu.SMEM((stages, cfg.block_q_dkv), jnp.float32),
+                plgpu.Barrier(num_barriers=2 * consumers),
+                *[plgpu.Barrier(num_barriers=stages)] * 4,
+                plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+            ],
+            grid=(K, Sp // (consumers * cfg.block_kv_dkv), B), grid_names=("heads", "kv_seq", "batch"),
+            consumers=consumers, name=f"pallas_flash_mosaic_{outputs}",
+        )(qp, dop, lse, delta, kp, vp)
 
+    # Up to head dim 128 one pass keeps dK and dV (two 64 x H float32 accumulators) in registers;
+    # at 256 those would be 256 registers per thread, so dV and dK take a pass each, and the dK
+    # and dQ passes (two resident 64 x 256 tiles plus the ring) run one consumer per CTA to fit
+    # shared memory.
+    wide = statics.head_dim_padded > 128
+    if wide:
+        (dv,), (dk,) = dkv("dv", 2), dkv("dk", 1)
+    else:
+        dk, dv = dkv("dkdv", 2)
+
+    consumers = 1 if wide else 2
     dq_stages = min(stages, -(-S // cfg.block_kv_dq))
-    dq = plgpu.kernel(
-        functools.partial(_dq_kernel, statics=statics),
+    dq = launch(
+        functools.partial(_dq_kernel, consumers=consumers), statics=statics,
         out_type=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        scratch_types=[
-            tiles(_COMPUTE_WGS, cfg.block_q_dq), tiles(_COMPUTE_WGS, cfg.block_q_dq),
-            plgpu.SMEM((_COMPUTE_WGS, cfg.block_q_dq), jnp.float32),
-            plgpu.SMEM((_COMPUTE_WGS, cfg.block_q_dq), jnp.float32),
+        scratch=[
+            tiles(consumers, cfg.block_q_dq), tiles(consumers, cfg.block_q_dq),
+            plgpu.SMEM((consumers, cfg.block_q_dq), jnp.float32),
+            plgpu.SMEM((consumers, cfg.block_q_dq), jnp.float32),
             tiles(dq_stages, cfg.block_kv_dq), tiles(dq_stages, cfg.block_kv_dq),
-            plgpu.Barrier(num_barriers=4 * _COMPUTE_WGS),
+            plgpu.Barrier(num_barriers=4 * consumers),
             plgpu.Barrier(num_barriers=dq_stages),
             plgpu.Barrier(num_barriers=dq_stages),
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=dq_stages),
+            plgpu.Barrier(num_arrivals=consumers, num_barriers=dq_stages),
         ],
-        grid=(N, Tp // (_COMPUTE_WGS * cfg.block_q_dq), B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params(),
-        interpret=interpret_params(statics),
-        kernel_name="pallas_flash_mosaic_dq",
+        grid=(N, Tp // (consumers * cfg.block_q_dq), B), grid_names=("heads", "q_seq", "batch"),
+        consumers=consumers, name="pallas_flash_mosaic_dq",
     )(qp, dop, lse, delta, kp, vp)
     return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]

@@ -60,6 +60,22 @@ def interpret_params(statics: MosaicStatics):
     return plgpu.InterpretGPUParams(detect_races=statics.detect_races) if statics.interpret else None
 
 
+def launch(body, *, statics: MosaicStatics, out_type, scratch, grid, grid_names, consumers: int, name: str):
+    """`plgpu.kernel` with ``consumers`` compute warpgroups plus one producer warpgroup ("wg")."""
+    return plgpu.kernel(
+        functools.partial(body, statics=statics),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=consumers + 1,
+        thread_name="wg",
+        compiler_params=compiler_params(),
+        interpret=interpret_params(statics),
+        kernel_name=name,
+    )
+
+
 def mma_into(statics: MosaicStatics, *products, then=None):
     """``acc + a @ b`` for each ``(acc, a, b_ref)`` with ``a`` in registers (P, dS) and ``b`` in shared
     memory, all issued before one wait; ``then()`` runs while they are in flight. Returns a tuple.
@@ -281,16 +297,10 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
     ]
-    out, lse = plgpu.kernel(
-        functools.partial(_forward_kernel, statics=statics),
+    out, lse = launch(
+        _forward_kernel, statics=statics,
         out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        scratch_types=scratch,
-        grid=(N, Tp // (_COMPUTE_WGS * cfg.block_q), B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=compiler_params(),
-        interpret=interpret_params(statics),
-        kernel_name="pallas_flash_mosaic_forward",
+        scratch=scratch, grid=(N, Tp // (_COMPUTE_WGS * cfg.block_q), B),
+        grid_names=("heads", "q_seq", "batch"), consumers=_COMPUTE_WGS, name="pallas_flash_mosaic_forward",
     )(q, k, v)
     return out[:, :T, :, :H], lse[:, :, :T]

@@ -31,7 +31,7 @@ CASES = {
     "mqa_causal_t_gt_s_f16": dict(B=2, T=200, S=97, N=2, K=1, H=128, dtype=F16, is_causal=True),
     # Head dim padded to 64 inside the kernels; one key tile only.
     "small_head_causal_bf16": dict(B=1, T=64, S=40, N=2, K=2, H=40, dtype=BF16, is_causal=True),
-    # Head dim 256 runs the Mosaic forward and the Triton backward from the same residuals.
+    # Head dim 256: separate dV and dK passes, one consumer in the dK and dQ passes.
     "head_dim_256_causal_bf16": dict(B=1, T=129, S=129, N=2, K=1, H=256, dtype=BF16, is_causal=True),
 }
 
