@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 import pallas_flash
 from benchmarks.timing import timed_rounds
-from pallas_flash import FlashConfig, MosaicConfig, default_config, default_mosaic_config
+from pallas_flash import FlashConfig, default_config, default_mosaic_config
 from pallas_flash.autotune import mosaic_candidates
 
 
