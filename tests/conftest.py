@@ -15,12 +15,6 @@ import pytest  # noqa: E402
 # Float32 comparisons between implementations need true float32 dots: on a GPU XLA's default lets
 # them run as tf32 (~3e-4 relative), which would drown the differences the tests look for.
 jax.config.update("jax_default_matmul_precision", "highest")
-# The Mosaic GPU interpreter runs each warpgroup as its own XLA:CPU program on its own thread, and a
-# warpgroup blocked on a barrier (inside a host callback) holds its execution slot. With async
-# dispatch the CPU client's small worker pool (sized by the cores: 2 in CI) can be filled by blocked
-# warpgroups while the one they wait for never starts; inline execution gives each its own thread.
-# (Read when the CPU backend starts, so it is set here, before any test touches a device.)
-jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def pytest_collection_modifyitems(config, items):
