@@ -57,7 +57,7 @@ import jaxlib
 import numpy as np
 
 import pallas_flash
-from benchmarks.timing import timed_rounds
+from pallas_flash.timing import timed_rounds
 from pallas_flash import reference
 
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import timed_rounds
+from pallas_flash.timing import timed_rounds
 from pallas_flash.decode import DecodeConfig, decode_attention, resolve_config, sm_count
 
 # (N query heads, K K/V heads, head dim H); interpret mode on CPU gets a smoke test, not a measurement.

@@ -15,21 +15,20 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
 
 import pallas_flash
-from benchmarks.timing import timed_rounds
+from pallas_flash.timing import median_seconds
 from pallas_flash import FlashConfig, default_config, default_mosaic_config
 from pallas_flash.autotune import mosaic_candidates
 
 
 def time_call(fn, *args, rounds: int = 5, calls: int = 10) -> float:
     """Median seconds per call over `rounds` of `calls` back-to-back dispatches, after a warm-up."""
-    return statistics.median(timed_rounds(fn, args, rounds=rounds, calls=calls, warmup=1))
+    return median_seconds(fn, args, rounds=rounds, calls=calls)
 
 
 def attention_flops(B, T, S, N, H, causal, passes) -> float:

@@ -15,14 +15,13 @@ import dataclasses
 import itertools
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from pallas_flash.config import MOSAIC_SMEM_LIMIT, MosaicConfig, default_mosaic_config
+from pallas_flash.timing import median_seconds
 
 
 def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[list, list]:
@@ -48,18 +47,6 @@ def _key(q, k, is_causal: bool, pass_: str) -> str:
     return json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, q=list(q.shape),
                            k=list(k.shape), dtype=str(q.dtype), causal=bool(is_causal), pass_=pass_),
                       sort_keys=True)
-
-
-def _median_seconds(fn, args, rounds: int, calls: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    per_call = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - start) / calls)
-    return statistics.median(per_call)
 
 
 def autotune(q, k, v, *, is_causal: bool = False, pass_: str = "fwdbwd", candidates=None,
@@ -95,7 +82,7 @@ def autotune(q, k, v, *, is_causal: bool = False, pass_: str = "fwdbwd", candida
             fn, args = jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v)
         else:
             fn, args = jax.jit(attn), (q, k, v)
-        return _median_seconds(fn, args, rounds, calls)
+        return median_seconds(fn, args, rounds=rounds, calls=calls)
 
     def timed(config, backward: bool) -> float:
         try:

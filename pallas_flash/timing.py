@@ -1,7 +1,8 @@
-"""The one timing loop every benchmark here uses."""
+"""The one timing loop: the benchmarks and `autotune` time with it."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -22,3 +23,8 @@ def timed_rounds(fn, args, *, rounds: int, calls: int, warmup: int = 0) -> list[
         per_call.append((time.perf_counter() - start) / calls)
         del out
     return per_call
+
+
+def median_seconds(fn, args, *, rounds: int, calls: int, warmup: int = 1) -> float:
+    """Median per-call seconds over ``rounds`` of `timed_rounds`, after ``warmup`` calls."""
+    return statistics.median(timed_rounds(fn, args, rounds=rounds, calls=calls, warmup=warmup))
