@@ -57,7 +57,7 @@ import jaxlib
 import numpy as np
 
 import pallas_flash
-from pallas_flash.timing import timed_rounds
+from pallas_flash.timing import interleaved_rounds
 from pallas_flash import reference
 
 
@@ -653,9 +653,9 @@ def main(argv: list[str] | None = None) -> dict:
             if not out_of_time():
                 ref = _run_reference(executables[(shape, causal, "reference")], ref_inputs, log)
             for pass_ in args.passes:
-                for impl in impls:
-                    record = _run_case(shape, causal, pass_, impl, shapes[shape], executables, inputs, ref,
-                                       args, dtype_name, skip=inputs is None or out_of_time())
+                records = _run_cases(shape, causal, pass_, impls, shapes[shape], executables, inputs, ref,
+                                     args, dtype_name, skip=inputs is None or out_of_time())
+                for record in records:
                     results["cases"].append(record)
                     write_json(results, json_path)
                     log(_case_line(len(results["cases"]), len(cases), record))
@@ -692,47 +692,63 @@ def _run_reference(executable: Executable, ref_inputs, log):
         return None
 
 
-def _run_case(shape, causal, pass_, impl, tags, executables, inputs, ref, args, dtype_name, *,
-              skip: bool) -> dict:
-    record = {
-        "shape": shape.name, "B": shape.B, "S": shape.S, "T": shape.S, "N": shape.N, "K": shape.K,
-        "H": shape.H, "causal": causal, "pass": pass_, "impl": impl, "dtype": dtype_name,
-        "tags": list(tags), "flops": flops(shape, causal, pass_), "status": "ok", "error": None,
-        "ms": None, "tflops": None, "round_ms": None, "rounds": None, "calls_per_round": None,
-        "compile_s": None, "memory": None, "device_peak_bytes": None, "rel_err": None, "matched": None,
-    }
-    executable = executables.get((shape, causal, pass_, impl))
-    if skip:
-        record.update(status="skipped", error=f"--time-limit {args.time_limit:g} s reached")
-        return record
-    if executable is None:
-        record.update(status="unavailable", error=f"{impl} is not installed")
-        return record
-    record["compile_s"] = round(executable.seconds, 3)
-    if executable.status != "ok":
-        record.update(status=executable.status, error=executable.error)
-        return record
-    record["memory"] = memory_bytes(executable.compiled)
+def _run_cases(shape, causal, pass_, impls, tags, executables, inputs, ref, args, dtype_name, *,
+               skip: bool) -> list[dict]:
+    """One record per implementation of one (shape, causal, pass): each is warmed up and checked
+    against the reference, then all that ran are timed with their rounds interleaved
+    (`interleaved_rounds`), so the card's clock drift under sustained load favours none of them."""
+    records, timed = [], []
+    for impl in impls:
+        record = {
+            "shape": shape.name, "B": shape.B, "S": shape.S, "T": shape.S, "N": shape.N, "K": shape.K,
+            "H": shape.H, "causal": causal, "pass": pass_, "impl": impl, "dtype": dtype_name,
+            "tags": list(tags), "flops": flops(shape, causal, pass_), "status": "ok", "error": None,
+            "ms": None, "tflops": None, "round_ms": None, "rounds": None, "calls_per_round": None,
+            "compile_s": None, "memory": None, "device_peak_bytes": None, "rel_err": None, "matched": None,
+        }
+        records.append(record)
+        executable = executables.get((shape, causal, pass_, impl))
+        if skip:
+            record.update(status="skipped", error=f"--time-limit {args.time_limit:g} s reached")
+            continue
+        if executable is None:
+            record.update(status="unavailable", error=f"{impl} is not installed")
+            continue
+        record["compile_s"] = round(executable.seconds, 3)
+        if executable.status != "ok":
+            record.update(status=executable.status, error=executable.error)
+            continue
+        record["memory"] = memory_bytes(executable.compiled)
+        try:
+            # Both passes take (q, k, v, cotangent); the forward ignores the cotangent.
+            first, calls = time_executable(executable.compiled, inputs, warmup=args.warmup, rounds=args.rounds,
+                                           calls=args.calls, max_seconds=args.max_case_seconds)
+            got = slice_result(first, shape, pass_)
+            del first
+        except Exception as exc:  # OOM or a runtime failure: recorded, the run goes on
+            status, message = classify(exc, "run")
+            record.update(status=status, error=message, device_peak_bytes=device_peak_bytes())
+            continue
+        record.update(calls_per_round=calls, device_peak_bytes=device_peak_bytes())
+        if ref is not None:
+            want = ref[0] if pass_ == "fwd" else ref[1]
+            err = max(rel_err(g, w) for g, w in zip(got, want))
+            tol = (FWD_TOL if pass_ == "fwd" else GRAD_TOL)[dtype_name]
+            record.update(rel_err=err, matched=bool(err < tol))
+        timed.append((record, executable.compiled))
     try:
-        # Both passes take (q, k, v, cotangent); the forward ignores the cotangent.
-        first, calls = time_executable(executable.compiled, inputs, warmup=args.warmup, rounds=args.rounds,
-                                       calls=args.calls, max_seconds=args.max_case_seconds)
-        got = slice_result(first, shape, pass_)
-        del first
-        per_call = timed_rounds(executable.compiled, inputs, rounds=args.rounds, calls=calls)
-    except Exception as exc:  # OOM or a runtime failure: recorded, the run goes on
+        per_case = interleaved_rounds([(compiled, inputs) for _, compiled in timed], rounds=args.rounds,
+                                      calls=[r["calls_per_round"] for r, _ in timed])
+    except Exception as exc:  # a failure mid-timing (OOM next to another's buffers): none is timed
         status, message = classify(exc, "run")
-        record.update(status=status, error=message, device_peak_bytes=device_peak_bytes())
-        return record
-    ms = statistics.median(per_call) * 1e3
-    record.update(ms=ms, tflops=record["flops"] / (ms * 1e-3) / 1e12, round_ms=[t * 1e3 for t in per_call],
-                  rounds=args.rounds, calls_per_round=calls, device_peak_bytes=device_peak_bytes())
-    if ref is not None:
-        want = ref[0] if pass_ == "fwd" else ref[1]
-        err = max(rel_err(g, w) for g, w in zip(got, want))
-        tol = (FWD_TOL if pass_ == "fwd" else GRAD_TOL)[dtype_name]
-        record.update(rel_err=err, matched=bool(err < tol))
-    return record
+        for record, _ in timed:
+            record.update(status=status, error=message)
+        return records
+    for (record, _), per_call in zip(timed, per_case):
+        ms = statistics.median(per_call) * 1e3
+        record.update(ms=ms, tflops=record["flops"] / (ms * 1e-3) / 1e12, round_ms=[t * 1e3 for t in per_call],
+                      rounds=args.rounds)
+    return records
 
 
 def _case_line(done: int, total: int, r: dict) -> str:

@@ -45,6 +45,11 @@ for step in "$@"; do
     mosaic_sweep) for shp in ${SWEEP_SHAPES:-4,4096,16,128}; do
                     timeout ${SWEEP_TIMEOUT:-200} python3 -m benchmarks.tune --impl mosaic --shape $shp --causal no --sweep \
                       --passes ${SWEEP_PASSES:-fwd,fwdbwd} --out "$OUT/mosaic_sweep_${shp//,/x}.json" 2>&1 | grep -E "best" | tail -40; done ;;
+    mosaic_configs) for shp in ${CONFIG_SHAPES:-4,4096,16,128}; do
+                      hd=${shp##*,}; var=CONFIGS_$hd; configs=${!var:-"[{}]"}
+                      timeout ${CONFIG_TIMEOUT:-200} python3 -m benchmarks.tune --impl mosaic --shape $shp --causal both \
+                        --baselines --baseline-impls cudnn --passes ${CONFIG_PASSES:-fwd} --configs "$configs" \
+                        --out "$OUT/mosaic_configs_${shp//,/x}.json" 2>&1 | grep -E "TFLOP|Error|error" | tail -30; done ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -4,7 +4,8 @@
     python -m benchmarks.tune --impl mosaic --shape 4,4096,16,128 --sweep --baselines
 
 Each candidate is timed for the forward and for forward+backward (median of rounds of back-to-back
-calls, as in `benchmarks.attention`); the fastest is printed as a ready `FlashConfig(...)` to pass
+calls, as in `benchmarks.attention`, the rounds of all candidates and baselines of one pass
+interleaved so clock drift favours none); the fastest is printed as a ready `FlashConfig(...)` to pass
 as ``dot_product_attention(..., config=...)``, and all results go to the JSON file. Candidates that
 fail to compile (too much shared memory, say) are reported and skipped.
 """
@@ -15,20 +16,16 @@ import argparse
 import dataclasses
 import itertools
 import json
+import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
 
 import pallas_flash
-from pallas_flash.timing import median_seconds
+from pallas_flash.timing import interleaved_rounds
 from pallas_flash import FlashConfig, default_config, default_mosaic_config
 from pallas_flash.autotune import mosaic_candidates
-
-
-def time_call(fn, *args, rounds: int = 5, calls: int = 10) -> float:
-    """Median seconds per call over `rounds` of `calls` back-to-back dispatches, after a warm-up."""
-    return median_seconds(fn, args, rounds=rounds, calls=calls)
 
 
 def attention_flops(B, T, S, N, H, causal, passes) -> float:
@@ -71,6 +68,11 @@ def main(argv=None):
                         help="comma list for --baselines (default: xla,cudnn, plus triton with --impl mosaic)")
     parser.add_argument("--impl", choices=("triton", "mosaic"), default="triton",
                         help="which Pallas kernels to tune (mosaic: Hopper only)")
+    parser.add_argument("--configs", default=None,
+                        help="JSON list of config overrides to time instead of the default, e.g. "
+                             "'[{}, {\"overlap_softmax\": true}]' ({} is the default itself)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per candidate (median taken)")
+    parser.add_argument("--calls", type=int, default=10, help="back-to-back calls per round")
     parser.add_argument("--out", default=None, help="JSON file for all results")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -84,57 +86,74 @@ def main(argv=None):
     causal_values = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     passes = args.passes.split(",")
     if args.impl == "mosaic":
-        base = default_mosaic_config(head_dim=H, is_causal=args.causal == "yes")
+        default = lambda causal: default_mosaic_config(head_dim=H, is_causal=causal)
         grid = mosaic_candidates
     else:
-        base = default_config(q_len=S, kv_len=S, head_dim=H, dtype_bytes=dtype.itemsize)
+        default = lambda causal: default_config(q_len=S, kv_len=S, head_dim=H, dtype_bytes=dtype.itemsize)
         grid = candidates
+    overrides = json.loads(args.configs) if args.configs else None
     results = []
 
-    def record(label, causal, pass_name, fn, *fn_args, config=None):
-        try:
-            seconds = time_call(fn, *fn_args)
-            tflops = attention_flops(B, S, S, N, H, causal, pass_name) / seconds / 1e12
-            status = "ok"
-        except Exception as err:  # noqa: BLE001 - a failing candidate is a result, not a crash
-            seconds, tflops, status = None, None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        row = dict(impl=label, causal=causal, passes=pass_name, ms=None if seconds is None else seconds * 1e3,
-                   tflops=tflops, status=status, config=None if config is None else dataclasses.asdict(config))
-        results.append(row)
-        shown = f"{row['ms']:.3f} ms {tflops:6.1f} TFLOP/s" if seconds else status
-        print(f"{label:>14} causal={causal!s:5} {pass_name:6} {shown}", flush=True)
+    def pass_fn(pass_name, fns):
+        fwd, grad = fns
+        return (fwd, (q, k, v)) if pass_name == "fwd" else (grad, (q, k, v, d_out))
+
+    def save():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=[B, S, N, H],
                                dtype=str(dtype), results=results), f, indent=1)
-        return seconds
+
+    def run_jobs(causal, pass_name, jobs):
+        """Compiles each (label, fn, fn_args, config), then times the ones that ran with their
+        rounds interleaved (`interleaved_rounds`); returns the rows."""
+        ready, rows = [], []
+        for label, fn, fn_args, config in jobs:
+            row = dict(impl=label, causal=causal, passes=pass_name, ms=None, tflops=None, status="ok",
+                       config=None if config is None else dataclasses.asdict(config))
+            try:
+                jax.block_until_ready(fn(*fn_args))
+                ready.append((row, fn, fn_args))
+            except Exception as err:  # noqa: BLE001 - a failing candidate is a result, not a crash
+                row["status"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            rows.append(row)
+        times = interleaved_rounds([(fn, fn_args) for _, fn, fn_args in ready], rounds=args.rounds, calls=args.calls)
+        for (row, _, _), per_call in zip(ready, times):
+            seconds = statistics.median(per_call)
+            row.update(ms=seconds * 1e3, tflops=attention_flops(B, S, S, N, H, causal, pass_name) / seconds / 1e12)
+        for row in rows:
+            shown = f"{row['ms']:.3f} ms {row['tflops']:6.1f} TFLOP/s" if row["ms"] else row["status"]
+            print(f"{row['impl']:>14} causal={causal!s:5} {pass_name:6} {shown}", flush=True)
+        results.extend(rows)
+        save()
+        return rows
 
     for causal in causal_values:
+        base = default(causal)
+        if overrides is not None:
+            configs_fwd = configs_bwd = [base.replace(**o) for o in overrides]
+        else:
+            configs_fwd, configs_bwd = grid(H, base) if args.sweep else ([base], [base])
+        impls = []
         if args.baselines:
             impls = (args.baseline_impls.split(",") if args.baseline_impls else
                      ["xla", "cudnn"] + (["triton"] if args.impl == "mosaic" else []))
-            for impl in impls:
-                jnn = impl != "triton"
-                fwd, grad = make_fns(lambda q, k, v, impl=impl, jnn=jnn: (
-                    jax.nn.dot_product_attention if jnn else pallas_flash.dot_product_attention)(
-                        q, k, v, is_causal=causal, implementation=impl))
-                for pass_name, fn in (("fwd", fwd), ("fwdbwd", grad)):
-                    if pass_name in passes:
-                        record(impl, causal, pass_name, fn, q, k, v, *((d_out,) if fn is grad else ()))
-        configs_fwd, configs_bwd = grid(H, base) if args.sweep else ([base], [base])
-        best = {}
         for pass_name, configs in (("fwd", configs_fwd), ("fwdbwd", configs_bwd)):
             if pass_name not in passes:
                 continue
+            jobs = []
+            for impl in impls:
+                attn = jax.nn.dot_product_attention if impl != "triton" else pallas_flash.dot_product_attention
+                fns = make_fns(lambda q, k, v, impl=impl, attn=attn: attn(q, k, v, is_causal=causal, implementation=impl))
+                jobs.append((impl, *pass_fn(pass_name, fns), None))
             for config in configs:
-                fwd, grad = make_fns(lambda q, k, v, config=config: pallas_flash.dot_product_attention(
+                fns = make_fns(lambda q, k, v, config=config: pallas_flash.dot_product_attention(
                     q, k, v, is_causal=causal, implementation=args.impl, config=config))
-                fn, fn_args = (fwd, (q, k, v)) if pass_name == "fwd" else (grad, (q, k, v, d_out))
-                seconds = record(args.impl, causal, pass_name, fn, *fn_args, config=config)
-                if seconds and seconds < best.get(pass_name, (float("inf"),))[0]:
-                    best[pass_name] = (seconds, config)
-        for pass_name, (seconds, config) in best.items():
-            print(f"best {pass_name} causal={causal}: {seconds * 1e3:.3f} ms  {config}", flush=True)
+                jobs.append((args.impl, *pass_fn(pass_name, fns), config))
+            timed = [r for r in run_jobs(causal, pass_name, jobs) if r["config"] is not None and r["ms"]]
+            if timed:
+                best = min(timed, key=lambda r: r["ms"])
+                print(f"best {pass_name} causal={causal}: {best['ms']:.3f} ms  {best['config']}", flush=True)
     return 0
 
 

@@ -20,6 +20,23 @@ def is_power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
+def _plain_fields(config, check) -> None:
+    """Type-checks every field of a frozen config (bool where annotated so, else int) and stores it
+    as a plain Python value, so configs hash and compare by value; then ``check(name, value)``."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.type == "bool":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{type(config).__name__}.{field.name} must be a bool, got {value!r}")
+            value = bool(value)
+        else:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{type(config).__name__}.{field.name} must be an int, got {value!r}")
+            value = int(value)
+        object.__setattr__(config, field.name, value)
+        check(field.name, value)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
     """Block sizes, warps and software-pipelining depth of the forward and backward kernels.
@@ -41,17 +58,16 @@ class FlashConfig:
     num_stages_bwd: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"FlashConfig.{field.name} must be an int, got {value!r}")
-            object.__setattr__(self, field.name, int(value))  # hashable, comparable plain ints
-            if field.name.startswith("block_") and (value < 16 or not is_power_of_two(value)):
-                raise ValueError(f"FlashConfig.{field.name} must be a power of two >= 16, got {value}")
-            if field.name.startswith("num_warps") and value not in (1, 2, 4, 8, 16):
-                raise ValueError(f"FlashConfig.{field.name} must be one of 1, 2, 4, 8, 16, got {value}")
-            if field.name.startswith("num_stages") and value < 1:
-                raise ValueError(f"FlashConfig.{field.name} must be >= 1, got {value}")
+        _plain_fields(self, self._check)
+
+    @staticmethod
+    def _check(name: str, value: int):
+        if name.startswith("block_") and (value < 16 or not is_power_of_two(value)):
+            raise ValueError(f"FlashConfig.{name} must be a power of two >= 16, got {value}")
+        if name.startswith("num_warps") and value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"FlashConfig.{name} must be one of 1, 2, 4, 8, 16, got {value}")
+        if name.startswith("num_stages") and value < 1:
+            raise ValueError(f"FlashConfig.{name} must be >= 1, got {value}")
 
     def replace(self, **changes) -> "FlashConfig":
         return dataclasses.replace(self, **changes)
@@ -151,6 +167,12 @@ class MosaicConfig:
     each consumer ``block_kv_dkv`` resident key rows and streams ``block_q_dkv`` query rows; dQ
     gives each consumer ``block_q_dq`` resident query rows and streams ``block_kv_dq`` key rows.
     wgmma works on 64-row slabs per warpgroup, so every block is a multiple of 64.
+
+    ``overlap_softmax`` turns on FlashAttention-3's intra-warpgroup pipelining in the forward
+    (section 3.2): each consumer issues the next tile's ``Q K^T`` together with the current ``P V``
+    and runs the softmax while ``P V`` is in flight. It keeps a second score tile and a second P in
+    registers, so it pays off only where those fit next to the accumulator (64-row consumers,
+    head dim <= 128); elsewhere the registers spill.
     """
 
     block_q: int = 64
@@ -161,18 +183,18 @@ class MosaicConfig:
     block_q_dq: int = 64
     block_kv_dq: int = 64
     num_stages_bwd: int = 2
+    overlap_softmax: bool = False
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"MosaicConfig.{field.name} must be an int, got {value!r}")
-            object.__setattr__(self, field.name, int(value))
-            if field.name.startswith("block_") and (value < 64 or value % 64):
-                raise ValueError(f"MosaicConfig.{field.name} must be a positive multiple of 64, got {value}")
-            if field.name.startswith("num_stages") and value < 2:
-                # One slot could not be refilled while its partner consumer still reads it.
-                raise ValueError(f"MosaicConfig.{field.name} must be >= 2, got {value}")
+        _plain_fields(self, self._check)
+
+    @staticmethod
+    def _check(name: str, value):
+        if name.startswith("block_") and (value < 64 or value % 64):
+            raise ValueError(f"MosaicConfig.{name} must be a positive multiple of 64, got {value}")
+        if name.startswith("num_stages") and value < 2:
+            # One slot could not be refilled while its partner consumer still reads it.
+            raise ValueError(f"MosaicConfig.{name} must be >= 2, got {value}")
 
     def replace(self, **changes) -> "MosaicConfig":
         return dataclasses.replace(self, **changes)
@@ -195,7 +217,8 @@ class MosaicConfig:
         }
 
 
-# H100 shared memory per CTA (227 KiB) less room for barriers and the log-sum-exp tiles.
+# H100 shared memory per CTA (227 KiB) less room for barriers, the log-sum-exp tiles and alignment:
+# 224 KiB of operand tiles measured over the limit (Mosaic asked for 232,576 of 232,448 bytes).
 MOSAIC_SMEM_LIMIT = 220 * 1024
 
 
@@ -205,12 +228,14 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False) -> MosaicCo
     # 4x4096x16xH bf16 sweeps (benchmarks/tune.py --impl mosaic): a non-causal head dim 64 wants 128
     # query rows per consumer (its tiles are cheap, so more rows amortise each K/V tile); causal, the
     # larger tile wastes more work on the diagonal and 64 rows measured faster (377 vs 356 TFLOP/s).
+    # Head dim 64 is softmax-bound (its products are half as long for as many exponentials): the
+    # intra-warpgroup overlap measured slower there (401 vs 448 TFLOP/s), faster above (NOTES.md).
     if hp <= 64:
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2)
     if hp <= 128:
-        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128)
+        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
-    return MosaicConfig(block_q=64, block_kv=64, num_stages=2)
+    return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True)
 
 
 @dataclasses.dataclass(frozen=True)

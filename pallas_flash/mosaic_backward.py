@@ -34,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_flash.config import MosaicStatics
-from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, launch, mma,
-                                         mma_into, smem_transforms)
+from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, kv_steps, launch,
+                                         mma, mma_into, produce, smem_transforms)
 
 
 def _ready_all(barriers, slot):
@@ -169,18 +169,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
                                         delta_ready.at[slot])
 
-        for i in range(stages):
-            pl.when(i < steps)(functools.partial(load, i, i))
-
-        @pl.loop(stages, steps)
-        def _refill(s):
-            slot = lax.rem(s, stages)
-            plgpu.barrier_wait(consumed.at[slot])
-            load(s, slot)
-
-        @pl.loop(jnp.maximum(steps - stages, 0), steps)
-        def _last(s):
-            plgpu.barrier_wait(consumed.at[lax.rem(s, stages)])
+        produce(steps, stages, [(consumed, load)])
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
@@ -202,14 +191,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
     wg = lax.axis_index("wg")
     cta_q0 = tile * (consumers * block_q)
 
-    def kv_steps(q0):
-        full = kv_len // block_kv
-        if not causal:
-            return full, num_kv_blocks
-        full = jnp.minimum((q0 + 1) // block_kv, full)
-        return full, jnp.minimum(pl.cdiv(q0 + block_q, block_kv), num_kv_blocks)
-
-    _, cta_steps = kv_steps(cta_q0 + block_q)
+    steps_for = functools.partial(kv_steps, block_q=block_q, block_kv=block_kv, kv_len=kv_len, causal=causal)
+    _, cta_steps = steps_for(cta_q0 + block_q)
     stages = min(cfg.num_stages_bwd, num_kv_blocks)
 
     @pl.when(wg < consumers)
@@ -217,7 +200,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
         plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
         q0 = cta_q0 + wg * block_q
-        full_steps, steps = kv_steps(q0)
+        full_steps, steps = steps_for(q0)
         rows = (batch, pl.ds(q0, block_q), head)
         for i, (src, dst) in enumerate(((q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
                                         (lse_ref.at[batch, head, pl.ds(q0, block_q)], lse_smem2.at[wg]),
@@ -277,18 +260,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-        for i in range(stages):
-            pl.when(i < cta_steps)(functools.partial(load, i, i))
-
-        @pl.loop(stages, cta_steps)
-        def _refill(i):
-            slot = lax.rem(i, stages)
-            plgpu.barrier_wait(consumed.at[slot])
-            load(i, slot)
-
-        @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-        def _last(i):
-            plgpu.barrier_wait(consumed.at[lax.rem(i, stages)])
+        produce(cta_steps, stages, [(consumed, load)])
 
 
 def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):

@@ -13,6 +13,11 @@ hands the tensor cores back and forth, so one consumer's softmax (exp2 on the SF
 runs while the other's matmuls occupy the tensor cores. Consumer 1 starts half a turn late and
 consumer 0 finishes half a turn late, so their barrier counts match.
 
+With ``MosaicConfig.overlap_softmax`` (section 3.2, "intra-warpgroup overlapping") each consumer
+issues ``Q K_i^T`` together with ``P_{i-1} V_{i-1}`` in one turn and runs the softmax of tile i
+while ``P_{i-1} V_{i-1}`` is still on the tensor cores; turns then pass on two one-arrival barriers,
+one per consumer, instead of the rendezvous, so neither waits for the other's softmax to end.
+
 Causal masking skips whole K/V tiles past the diagonal; only the tiles that straddle it (and the
 last tile when the key length is not a tile multiple) pay for an iota mask. With causal masking
 the two consumers of a CTA need different numbers of tiles: the one that finishes early keeps
@@ -101,6 +106,42 @@ def mma_into(statics: MosaicStatics, *products, then=None):
     return tuple(pl.run_state(issue)(tuple(plgpu.ACC.init(acc) for acc, _, _ in products)))
 
 
+def mma_overlapped(statics: MosaicStatics, qk, pv, *, then, softmax, state):
+    """FlashAttention-3's intra-warpgroup pipelining (section 3.2, Algorithm 2): issues
+    ``s = a @ b`` (``qk = (a_ref, b_ref, shape)``, shared-memory operands, fresh accumulator) and
+    then ``acc + p @ v`` (``pv = (acc, p, v_ref)``, ``p`` in registers), runs ``then()``, waits for
+    ``s`` alone and runs ``softmax(s, *state)`` while ``p @ v`` is still on the tensor cores.
+    ``softmax`` returns new values shaped like ``state``. Returns ``(acc, *new_state)``.
+
+    `pl.run_state` can only hand back the final values of its refs, so the softmax results travel
+    out through refs initialised with ``state``. The interpreter path is `mma_into`'s.
+    """
+    a_ref, b_ref, shape = qk
+    acc, p, v_ref = pv
+    if statics.interpret:
+        (s,) = mma(qk, then=then)
+        new_state = softmax(s, *state)
+        return (acc + jnp.dot(p, v_ref[...], preferred_element_type=jnp.float32), *new_state)
+
+    def issue(refs):
+        acc_ref, s_ref, *state_refs = refs
+        plgpu.wgmma(s_ref, a_ref, b_ref)
+        plgpu.wgmma(acc_ref, p, v_ref)
+        then()
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the older group: the scores only
+        for ref, value in zip(state_refs, softmax(s, *(ref[...] for ref in state_refs))):
+            ref[...] = value
+
+    s_init = plgpu.ACC.init(plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA))
+    acc, _, *new_state = pl.run_state(issue)((plgpu.ACC.init(acc), s_init, *state))
+    # LLVM takes ``p`` as dead once the wgmma reading it is issued and may put the next P (made by
+    # the softmax while that wgmma is in flight) in the same registers, after which ptxas
+    # serialises every wgmma of the kernel (warning C7513; measured: causal 4k fell from 575 to
+    # 351 TFLOP/s). A use of ``p`` after the wait keeps its registers reserved until then.
+    acc, _ = lax.optimization_barrier((acc, p))
+    return (acc, *new_state)
+
+
 def mma(*products, then=None):
     """``a @ b`` into fresh float32 accumulators for each ``(a_ref, b_ref, shape)``, both operands
     in shared memory, all issued before one wait. Returns a tuple."""
@@ -112,6 +153,41 @@ def mma(*products, then=None):
         return tuple(acc_ref[...] for acc_ref in acc_refs)
 
     return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _, _, shape in products))
+
+
+def kv_steps(q0, *, block_q: int, block_kv: int, kv_len: int, causal: bool):
+    """(K/V tiles with no masked logit, K/V tiles to visit) for query rows [q0, q0 + block_q):
+    tiles of pure key padding are never visited, nor, causal, tiles right of the diagonal."""
+    full, visit = kv_len // block_kv, pl.cdiv(kv_len, block_kv)
+    if not causal:
+        return full, visit
+    return (jnp.minimum((q0 + 1) // block_kv, full),
+            jnp.minimum(pl.cdiv(q0 + block_q, block_kv), visit))
+
+
+def produce(steps, stages: int, parts):
+    """The producer warpgroup's side of a ``stages``-deep TMA ring over ``steps`` tiles. ``parts``
+    are ``(consumed, load)`` pairs: ``load(i, slot)`` issues tile i's copies into ``slot`` once every
+    consumer has arrived on ``consumed[slot]`` for tile ``i - stages``. The last ``stages`` releases
+    are waited on too: idle time for the producer, and every barrier phase is then observed by each
+    warpgroup that uses it (the interpreter checks this)."""
+    for i in range(stages):
+        @pl.when(i < steps)
+        def _fill():
+            for _, load in parts:
+                load(i, i)
+
+    @pl.loop(stages, steps)
+    def _refill(i):
+        slot = lax.rem(i, stages)
+        for consumed, load in parts:
+            plgpu.barrier_wait(consumed.at[slot])
+            load(i, slot)
+
+    @pl.loop(jnp.maximum(steps - stages, 0), steps)
+    def _last(i):
+        for consumed, _ in parts:
+            plgpu.barrier_wait(consumed.at[lax.rem(i, stages)])
 
 
 def _schedule_sync(barrier):
@@ -126,7 +202,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     block_q, block_kv, stages = cfg.block_q, cfg.block_kv, statics.forward_stages
     causal = statics.is_causal
     kv_len = statics.kv_len  # true key length; keys past it are zero padding and masked
-    num_kv_blocks = pl.cdiv(kv_len, block_kv)  # tiles of pure padding are never visited
     num_q_tiles = statics.q_len_padded // (_COMPUTE_WGS * block_q)
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
@@ -140,30 +215,47 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     wg = lax.axis_index("wg")
     cta_q0 = tile * (_COMPUTE_WGS * block_q)
 
-    def kv_steps(q0):
-        """(tiles with no masked logit, tiles to visit) for query rows [q0, q0 + block_q)."""
-        full = kv_len // block_kv
-        if not causal:
-            return full, num_kv_blocks
-        full = jnp.minimum((q0 + 1) // block_kv, full)
-        return full, jnp.minimum(pl.cdiv(q0 + block_q, block_kv), num_kv_blocks)
+    steps_for = functools.partial(kv_steps, block_q=block_q, block_kv=block_kv, kv_len=kv_len, causal=causal)
+    _, cta_steps = steps_for(cta_q0 + block_q)  # the later consumer sees the most tiles
 
-    _, cta_steps = kv_steps(cta_q0 + block_q)  # the later consumer sees the most tiles
+    def mask_scores(s, i, q0):
+        """-inf for padded keys and, causal, keys right of the diagonal, in K/V tile ``i``."""
+        rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+        cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+        cols = cols + i * block_kv
+        visible = cols < kv_len
+        if causal:
+            visible = visible & (cols <= rows + q0)
+        return jnp.where(visible, s, -jnp.inf)
 
-    @pl.when(wg < _COMPUTE_WGS)
-    def _consumer():
-        plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-        q0 = cta_q0 + wg * block_q
-        full_steps, steps = kv_steps(q0)
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, block_q), head], qo_smem, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
+    def online_softmax(s, m):
+        """FlashAttention-2's running-max update in base 2: ``(m_new, alpha, p)``. Every row sees key
+        0 in the first tile it visits, so m is finite from then on and exp2(-inf - m) is a clean 0
+        for the masked logits."""
+        m_new = jnp.maximum(m, s.max(axis=1) * c)
+        alpha = jnp.exp2(m - m_new)
+        return m_new, alpha, jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
 
-        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.zeros((block_q, statics.head_dim_padded), jnp.float32),
-                                plgpu.Layout.WGMMA)
+    def rescale(acc, alpha):
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
+    def drain(steps, turn):
+        """Keeps the producer's and the partner's barrier counts in step (module docstring).
+        Waiting for each tile before releasing it keeps this warpgroup from arriving twice on one
+        slot's barrier before its partner has arrived once."""
+        @pl.loop(steps, cta_steps)
+        def _drain(i):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            turn()
+
+    def pingpong(q0, qo_smem, acc, m, l):
+        """Two tensor-core turns per tile (``Q K^T``, then ``P V``), handed over on a two-arrival
+        rendezvous barrier; consumer 1 starts half a turn late, consumer 0 ends half a turn late."""
+        full_steps, steps = steps_for(q0)
         plgpu.barrier_wait(k_ready.at[0])
         pl.when(wg == 1)(lambda: _schedule_sync(schedule))
 
@@ -176,19 +268,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
                        then=lambda: _schedule_sync(schedule))
             plgpu.barrier_arrive(k_consumed.at[slot])
             if masked:
-                rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                cols = cols + i * block_kv
-                visible = cols < kv_len
-                if causal:
-                    visible = visible & (cols <= rows + q0)
-                s = jnp.where(visible, s, -jnp.inf)
-            # Every row sees key 0 in the first tile it visits, so m is finite from then on and
-            # exp2(-inf - m) is a clean 0 for the masked logits.
-            m_new = jnp.maximum(m, s.max(axis=1) * c)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                s = mask_scores(s, i, q0)
+            m_new, alpha, p = online_softmax(s, m)
+            acc = rescale(acc, alpha)
             l = l * alpha
             p16 = p.astype(dtype)
             # The row sum is issued before handing the tensor cores back for narrow heads (its FADDs
@@ -216,23 +298,82 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
         if causal or kv_len % block_kv:  # a straddling diagonal or a ragged last tile
             carry = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
-        acc, m, l = carry
-
         if causal:
-            @pl.loop(steps, cta_steps)
-            def _drain(i):
-                # Keeps the producer's and the partner's barrier counts in step (module docstring).
-                # Waiting for each tile before releasing it keeps this warpgroup from arriving
-                # twice on one slot's barrier before its partner has arrived once.
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
-                plgpu.barrier_arrive(k_consumed.at[slot])
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                _schedule_sync(schedule)
-                _schedule_sync(schedule)
-
+            drain(steps, lambda: (_schedule_sync(schedule), _schedule_sync(schedule)))
         pl.when(wg == 0)(lambda: _schedule_sync(schedule))
+        return carry
+
+    def overlapped(q0, qo_smem, acc, m, l):
+        """One tensor-core turn per tile (FA3 Algorithm 2 inside the ping-pong): ``Q K_i^T`` and
+        ``P_{i-1} V_{i-1}`` are issued together, then the softmax of tile i runs while
+        ``P_{i-1} V_{i-1}`` is in flight. Turns alternate on two one-arrival barriers (consumer w
+        waits on ``schedule[w]`` and hands over on the other), so a consumer goes on to its softmax
+        as soon as its products are issued. Consumer 1 grants consumer 0 the first turn; consumer 0
+        takes that extra grant back at the end."""
+        full_steps, steps = steps_for(q0)
+        mine, partner = schedule.at[wg], schedule.at[1 - wg]
+        end_turn = lambda: plgpu.barrier_arrive(partner)
+        k_tile = lambda slot: (qo_smem, k_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
+        may_mask = causal or kv_len % block_kv  # a straddling diagonal or a ragged last tile
+
+        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule.at[0]))
+        plgpu.barrier_wait(k_ready.at[0])
+        plgpu.barrier_wait(mine)
+        (s,) = mma(k_tile(0), then=end_turn)
+        plgpu.barrier_arrive(k_consumed.at[0])
+        if may_mask:
+            s = mask_scores(s, 0, q0)
+        m, _, p = online_softmax(s, m)
+        carry = (acc, m, p.sum(axis=1), p.astype(dtype))
+
+        def step(i, carry, *, masked: bool):
+            acc, m, l, p16 = carry
+            slot, prev = lax.rem(i, stages), lax.rem(i - 1, stages)
+
+            def softmax(s, m, l, _):
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                if masked:
+                    s = mask_scores(s, i, q0)
+                m_new, alpha, p = online_softmax(s, m)
+                return m_new, l * alpha + p.sum(axis=1), p.astype(dtype)
+
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[prev])
+            plgpu.barrier_wait(mine)
+            acc, m_new, l, p16 = mma_overlapped(statics, k_tile(slot), (acc, p16, v_smem.at[prev]),
+                                                then=end_turn, softmax=softmax, state=(m, l, p16))
+            plgpu.barrier_arrive(v_consumed.at[prev])
+            # acc now holds every tile before i relative to m; tile i's P is relative to m_new.
+            return rescale(acc, jnp.exp2(m - m_new)), m_new, l, p16
+
+        unmasked_end = jnp.maximum(full_steps, 1)
+        carry = lax.fori_loop(1, unmasked_end, functools.partial(step, masked=False), carry)
+        if may_mask:
+            carry = lax.fori_loop(unmasked_end, steps, functools.partial(step, masked=True), carry)
+        acc, m, l, p16 = carry
+        last = lax.rem(steps - 1, stages)
+        plgpu.barrier_wait(v_ready.at[last])
+        plgpu.barrier_wait(mine)
+        (acc,) = mma_into(statics, (acc, p16, v_smem.at[last]), then=end_turn)
+        plgpu.barrier_arrive(v_consumed.at[last])
+        if causal:
+            drain(steps, lambda: (plgpu.barrier_wait(mine), end_turn()))
+        pl.when(wg == 0)(lambda: plgpu.barrier_wait(mine))
+        return acc, m, l
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _consumer():
+        plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        q0 = cta_q0 + wg * block_q
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, block_q), head], qo_smem, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.zeros((block_q, statics.head_dim_padded), jnp.float32),
+                                plgpu.Layout.WGMMA)
+        acc, m, l = (overlapped if cfg.overlap_softmax else pingpong)(q0, qo_smem, acc, m, l)
 
         inv_l = 1.0 / l  # one reciprocal per row instead of a divide per element
         qo_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
@@ -247,30 +388,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
         kv_head = lax.div(head, jnp.asarray(statics.groups, head.dtype))
 
-        def load(i, slot):
-            rows = (batch, pl.ds(i * block_kv, block_kv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+        def load(ref, smem, ready):
+            def issue(i, slot):
+                rows = (batch, pl.ds(i * block_kv, block_kv), kv_head)
+                plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], ready.at[slot])
+            return issue
 
-        for i in range(stages):
-            pl.when(i < cta_steps)(functools.partial(load, i, i))
-
-        @pl.loop(stages, cta_steps)
-        def _refill(i):
-            slot = lax.rem(i, stages)
-            rows = (batch, pl.ds(i * block_kv, block_kv), kv_head)
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
-
-        @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-        def _last(i):
-            # Observes the last releases too: idle time for the producer, and every barrier phase
-            # then has been waited on by each warpgroup that uses it (the interpreter checks this).
-            slot = lax.rem(i, stages)
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
+        produce(cta_steps, stages, [(k_consumed, load(k_ref, k_smem, k_ready)),
+                                    (v_consumed, load(v_ref, v_smem, v_ready))])
 
 
 def mosaic_forward(q, k, v, *, statics: MosaicStatics):
@@ -295,7 +420,9 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+        # Ping-pong: one rendezvous barrier; overlapped: one "your turn" barrier per consumer.
+        (plgpu.Barrier(num_barriers=_COMPUTE_WGS) if cfg.overlap_softmax
+         else plgpu.Barrier(num_arrivals=_COMPUTE_WGS)),
     ]
     out, lse = launch(
         _forward_kernel, statics=statics,

@@ -28,3 +28,19 @@ def timed_rounds(fn, args, *, rounds: int, calls: int, warmup: int = 0) -> list[
 def median_seconds(fn, args, *, rounds: int, calls: int, warmup: int = 1) -> float:
     """Median per-call seconds over ``rounds`` of `timed_rounds`, after ``warmup`` calls."""
     return statistics.median(timed_rounds(fn, args, rounds=rounds, calls=calls, warmup=warmup))
+
+
+def interleaved_rounds(cases, *, rounds: int, calls, warmup: int = 0) -> list[list[float]]:
+    """`timed_rounds` of several ``(fn, args)`` cases, round r of every case before round r + 1 of
+    any; ``calls`` is one count or one per case. Timed one after another, the first case would get
+    the coolest, fastest card: the H100 clocks down within seconds of sustained attention (NOTES.md).
+    """
+    calls = list(calls) if isinstance(calls, (list, tuple)) else [calls] * len(cases)
+    for (fn, args) in cases:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    per_case = [[] for _ in cases]
+    for _ in range(rounds):
+        for times, (fn, args), n in zip(per_case, cases, calls):
+            times += timed_rounds(fn, args, rounds=1, calls=n)
+    return per_case

@@ -104,3 +104,15 @@ def test_help_exits_cleanly(capsys):
         attention.main(["--help"])
     assert exit_info.value.code == 0
     assert "--out-dir" in capsys.readouterr().out
+
+
+def test_interleaved_rounds_alternates_cases():
+    """Round r of every case runs before round r + 1 of any, each with its own call count."""
+    from pallas_flash.timing import interleaved_rounds
+
+    order = []
+    cases = [(lambda tag: order.append(tag), (tag,)) for tag in "ab"]
+    per_case = interleaved_rounds(cases, rounds=3, calls=[1, 2], warmup=1)
+    assert order == ["a", "b"] + ["a", "b", "b"] * 3
+    assert [len(times) for times in per_case] == [3, 3]
+    assert all(t >= 0 for times in per_case for t in times)

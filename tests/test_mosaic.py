@@ -37,18 +37,23 @@ CASES = {
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_reference(rng, name):
-    check_case(rng, **CASES[name], config=SMALL, implementation="mosaic")
+    # The forward's softmax schedule as the defaults pick it: overlapped above head dim 64 (the
+    # head-dim-128 and 256 cases), ping-pong alone at 64 and below.
+    overlap = CASES[name]["H"] > 64
+    check_case(rng, **CASES[name], config=SMALL.replace(overlap_softmax=overlap), implementation="mosaic")
 
 
-def test_default_config_and_three_stages(rng):
-    check_case(rng, B=1, T=300, S=300, N=2, K=2, H=128, dtype=BF16, is_causal=True, implementation="mosaic",
-               config=MosaicConfig(block_q=64, block_kv=64, num_stages=3, num_stages_bwd=3))
+def test_three_stages_overlapped_ragged(rng):
+    """A three-slot ring under the overlapped schedule, non-causal with a ragged last key tile."""
+    check_case(rng, B=1, T=300, S=300, N=2, K=2, H=128, dtype=BF16, implementation="mosaic",
+               config=MosaicConfig(block_q=64, block_kv=64, num_stages=3, num_stages_bwd=3, overlap_softmax=True))
 
 
-def test_forward_has_no_races(rng):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_forward_has_no_races(rng, overlap):
     """The interpreter's race detector over the producer/consumer/ping-pong protocol."""
     q, k, v, _ = random_inputs(rng, B=1, T=128, S=192, N=1, K=1, H=64, dtype=BF16)
-    statics = MosaicStatics(config=SMALL, scale=0.125, is_causal=True, q_len=128, kv_len=192,
+    statics = MosaicStatics(config=SMALL.replace(overlap_softmax=overlap), scale=0.125, is_causal=True, q_len=128, kv_len=192,
                             head_dim=64, groups=1, interpret=True, detect_races=True)
     out, _ = mosaic_forward(q, k, v, statics=statics)
     want = reference.attention(q.astype(F32), k.astype(F32), v.astype(F32), scale=0.125, is_causal=True)[0]
@@ -96,6 +101,10 @@ def test_rejects_float32_and_bad_configs():
         MosaicConfig(block_kv=96)
     with pytest.raises(ValueError, match=">= 2"):
         MosaicConfig(num_stages=1)
+    with pytest.raises(ValueError, match="overlap_softmax must be a bool"):
+        MosaicConfig(overlap_softmax=1)
+    with pytest.raises(ValueError, match="block_q must be an int"):
+        MosaicConfig(block_q=True)
     with pytest.raises(ValueError, match="takes a MosaicConfig"):
         pallas_flash.dot_product_attention(y, y, y, implementation="mosaic", config=pallas_flash.FlashConfig())
     with pytest.raises(ValueError, match="shared memory"):
@@ -110,7 +119,7 @@ def test_rejects_float32_and_bad_configs():
 def test_gpu_medium_against_reference(rng, H, K, is_causal):
     """Compiled kernels at their default tiles on sizes interpret mode cannot reach."""
     q, k, v, d_out = random_inputs(rng, B=2, T=1536 + 17, S=2048 - 5, N=16, K=K, H=H, dtype=BF16)
-    T, S = q.shape[1], k.shape[1]
+    T = q.shape[1]
     if is_causal:
         k, v = k[:, :T], v[:, :T]
     scale = H ** -0.5
@@ -125,6 +134,22 @@ def test_gpu_medium_against_reference(rng, H, K, is_causal):
     got, ref, low = grad(kernel, q, k, v), grad(oracle, f32(q), f32(k), f32(v)), grad(naive, q, k, v)
     for name, g, r, n in zip("qkv", got, ref, low):
         assert rel_err(g, r) <= tolerance(rel_err(n, r), BF16), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,block_q", [(64, 64), (64, 128), (128, 64)])
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gpu_forward_variants_against_reference(rng, H, block_q, overlap, is_causal):
+    """Both forward schedules at the tilings the defaults and the sweeps use, ragged lengths."""
+    q, k, v, _ = random_inputs(rng, B=2, T=1024 + 33, S=1024 + 33, N=4, K=2, H=H, dtype=BF16)
+    config = MosaicConfig(block_q=block_q, block_kv=128, overlap_softmax=overlap)
+    got = jax.jit(lambda q, k, v: pallas_flash.dot_product_attention(
+        q, k, v, is_causal=is_causal, implementation="mosaic", config=config))(q, k, v)
+    f32 = lambda x: x.astype(F32)
+    want = reference.attention(f32(q), f32(k), f32(v), scale=H ** -0.5, is_causal=is_causal)[0]
+    naive = naive_lowp(q, k, v, scale=H ** -0.5, is_causal=is_causal)
+    assert rel_err(got, want) <= tolerance(rel_err(naive, want), BF16)
 
 
 @pytest.mark.gpu
