@@ -136,8 +136,9 @@ def mma_overlapped(statics: MosaicStatics, qk, pv, *, then, softmax, state):
     acc, _, *new_state = pl.run_state(issue)((plgpu.ACC.init(acc), s_init, *state))
     # LLVM takes ``p`` as dead once the wgmma reading it is issued and may put the next P (made by
     # the softmax while that wgmma is in flight) in the same registers, after which ptxas
-    # serialises every wgmma of the kernel (warning C7513; measured: causal 4k fell from 575 to
-    # 351 TFLOP/s). A use of ``p`` after the wait keeps its registers reserved until then.
+    # serialises every wgmma of the kernel (warning C7513; the causal 4k forward then ran at 351
+    # TFLOP/s, the ping-pong alone at 575). A use of ``p`` after the wait keeps its registers
+    # reserved until then.
     acc, _ = lax.optimization_barrier((acc, p))
     return (acc, *new_state)
 
