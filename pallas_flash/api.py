@@ -109,25 +109,30 @@ def _soft_cap(cap):
     return float(cap)
 
 
+def _shared_unsupported(query, scale, *, who: str, plural: bool, dtypes, dtype_names: str) -> str | None:
+    """The limits both Pallas kernels have: dtype, head dim, a static scale."""
+    s = "" if plural else "s"
+    if query.dtype not in dtypes:
+        return f"{who} support{s} {dtype_names}, got {query.dtype}"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"{who} support{s} head dims up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
+    if not isinstance(scale, (int, float, np.floating, np.integer)):
+        return f"{who} need{s} a static (Python number) scale"
+    return None
+
+
 def _kernel_unsupported(query, scale) -> str | None:
     """Why the Pallas kernel cannot take this call yet (None: it can)."""
-    if query.dtype not in KERNEL_DTYPES:
-        return f"the Pallas kernel supports float16, bfloat16 and float32, got {query.dtype}"
-    if query.shape[-1] > MAX_HEAD_DIM:
-        return f"the Pallas kernel supports head dims up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
-    if not isinstance(scale, (int, float, np.floating, np.integer)):
-        return "the Pallas kernel needs a static (Python number) scale"
-    return None
+    return _shared_unsupported(query, scale, who="the Pallas kernel", plural=False, dtypes=KERNEL_DTYPES,
+                               dtype_names="float16, bfloat16 and float32")
 
 
 def _mosaic_unsupported(query, scale, *, features: dict) -> str | None:
     """Why the Mosaic GPU (Hopper) kernels cannot take this call yet (None: they can)."""
-    if query.dtype not in MOSAIC_DTYPES:
-        return f"the Mosaic GPU kernels support float16 and bfloat16, got {query.dtype}"
-    if query.shape[-1] > MAX_HEAD_DIM:
-        return f"the Mosaic GPU kernels support head dims up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
-    if not isinstance(scale, (int, float, np.floating, np.integer)):
-        return "the Mosaic GPU kernels need a static (Python number) scale"
+    reason = _shared_unsupported(query, scale, who="the Mosaic GPU kernels", plural=True,
+                                 dtypes=MOSAIC_DTYPES, dtype_names="float16 and bfloat16")
+    if reason is not None:
+        return reason
     used = [name for name, value in features.items() if value is not None]
     if used:
         return f"the Mosaic GPU kernels do not support {', '.join(used)} yet (use implementation='triton')"
