@@ -191,6 +191,23 @@ def produce(steps, stages: int, parts):
             plgpu.barrier_wait(consumed.at[lax.rem(i, stages)])
 
 
+def turns(schedule, wg, *, consumers: int):
+    """Tensor-core turns between two consumer warpgroups (FA3 section 3.1): consumer w waits on
+    ``schedule[w]`` before issuing its products and arrives on the other's once they are issued, so
+    their products reach the tensor cores alternately and one's elementwise work overlaps the
+    other's products. Returns ``(take, hand_over, begin, end)``: ``begin()`` grants consumer 0 the
+    first turn, ``end()`` takes that extra grant back so every barrier phase is waited on. With one
+    consumer all four do nothing."""
+    if consumers == 1:
+        nothing = lambda: None
+        return nothing, nothing, nothing, nothing
+    take = lambda: plgpu.barrier_wait(schedule.at[wg])
+    hand_over = lambda: plgpu.barrier_arrive(schedule.at[1 - wg])
+    begin = lambda: pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule.at[0]))
+    end = lambda: pl.when(wg == 0)(lambda: plgpu.barrier_wait(schedule.at[0]))
+    return take, hand_over, begin, end
+
+
 def _schedule_sync(barrier):
     plgpu.barrier_arrive(barrier)
     plgpu.barrier_wait(barrier)
@@ -312,14 +329,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         as soon as its products are issued. Consumer 1 grants consumer 0 the first turn; consumer 0
         takes that extra grant back at the end."""
         full_steps, steps = steps_for(q0)
-        mine, partner = schedule.at[wg], schedule.at[1 - wg]
-        end_turn = lambda: plgpu.barrier_arrive(partner)
+        take_turn, end_turn, begin, end = turns(schedule, wg, consumers=_COMPUTE_WGS)
         k_tile = lambda slot: (qo_smem, k_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
         may_mask = causal or kv_len % block_kv  # a straddling diagonal or a ragged last tile
 
-        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule.at[0]))
+        begin()
         plgpu.barrier_wait(k_ready.at[0])
-        plgpu.barrier_wait(mine)
+        take_turn()
         (s,) = mma(k_tile(0), then=end_turn)
         plgpu.barrier_arrive(k_consumed.at[0])
         if may_mask:
@@ -340,7 +356,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
 
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[prev])
-            plgpu.barrier_wait(mine)
+            take_turn()
             acc, m_new, l, p16 = mma_overlapped(statics, k_tile(slot), (acc, p16, v_smem.at[prev]),
                                                 then=end_turn, softmax=softmax, state=(m, l, p16))
             plgpu.barrier_arrive(v_consumed.at[prev])
@@ -354,12 +370,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         acc, m, l, p16 = carry
         last = lax.rem(steps - 1, stages)
         plgpu.barrier_wait(v_ready.at[last])
-        plgpu.barrier_wait(mine)
+        take_turn()
         (acc,) = mma_into(statics, (acc, p16, v_smem.at[last]), then=end_turn)
         plgpu.barrier_arrive(v_consumed.at[last])
         if causal:
-            drain(steps, lambda: (plgpu.barrier_wait(mine), end_turn()))
-        pl.when(wg == 0)(lambda: plgpu.barrier_wait(mine))
+            drain(steps, lambda: (take_turn(), end_turn()))
+        end()
         return acc, m, l
 
     @pl.when(wg < _COMPUTE_WGS)
