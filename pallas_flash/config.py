@@ -204,16 +204,13 @@ class MosaicConfig:
         Above head dim 128 the backward runs separate dV and dK passes and one consumer in the dK
         and dQ passes (`mosaic_backward`)."""
         hp = _round_up(head_dim, 64)
-        ring_dkv = 2 * self.num_stages_bwd * self.block_q_dkv
-        ring_dq = 2 * self.num_stages_bwd * self.block_kv_dq
-        if hp <= 128:
-            dkv, dq = 2 * 2 * self.block_kv_dkv + ring_dkv, 2 * 2 * self.block_q_dq + ring_dq
-        else:
-            dkv, dq = 2 * self.block_kv_dkv + ring_dkv, 2 * self.block_q_dq + ring_dq
+        # Two resident tiles (K and V, or Q and dO) per consumer; above head dim 128 the passes hold
+        # two in all (one consumer with both, or the dV pass with K for each of two consumers).
+        resident = 2 if hp <= 128 else 1
         return {
             "forward": (2 * self.block_q + 2 * self.num_stages * self.block_kv) * hp * dtype_bytes,
-            "dkv": dkv * hp * dtype_bytes,
-            "dq": dq * hp * dtype_bytes,
+            "dkv": (2 * resident * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * hp * dtype_bytes,
+            "dq": (2 * resident * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
         }
 
 
