@@ -173,6 +173,14 @@ class MosaicConfig:
     and runs the softmax while ``P V`` is in flight. It keeps a second score tile and a second P in
     registers, so it pays off only where those fit next to the accumulator (64-row consumers,
     head dim <= 128); elsewhere the registers spill.
+
+    ``fuse_dq`` makes the dK/dV kernel also accumulate dQ (FlashAttention-2 Algorithm 2 as written,
+    five products per tile pair) instead of a separate dQ kernel that recomputes ``S`` and ``dP``
+    (seven). Each CTA's partial dQ goes to HBM as fixed-point integers through a TMA reduce-add,
+    which is order-free, so the gradients stay bitwise deterministic (`mosaic_backward`). Head
+    dims up to 128, and the two consumers must be able to split a ``block_q_dkv x H`` dQ tile into
+    64-row slabs (``block_q_dkv`` a multiple of 128, or ``H`` of 128: `dq_split`). Off by default:
+    as built it measured slower than the two kernels (NOTES.md, session 4).
     """
 
     block_q: int = 64
@@ -184,6 +192,7 @@ class MosaicConfig:
     block_kv_dq: int = 64
     num_stages_bwd: int = 2
     overlap_softmax: bool = False
+    fuse_dq: bool = False
 
     def __post_init__(self):
         _plain_fields(self, self._check)
@@ -207,11 +216,27 @@ class MosaicConfig:
         # Two resident tiles (K and V, or Q and dO) per consumer; above head dim 128 the passes hold
         # two in all (one consumer with both, or the dV pass with K for each of two consumers).
         resident = 2 if hp <= 128 else 1
-        return {
+        sizes = {
             "forward": (2 * self.block_q + 2 * self.num_stages * self.block_kv) * hp * dtype_bytes,
             "dkv": (2 * resident * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * hp * dtype_bytes,
             "dq": (2 * resident * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
         }
+        if self.fuse_dq and hp <= 128:
+            # Both consumers' dS^T tiles, and the dQ tile's two int32 words staged for the TMA.
+            sizes["dkv"] += 2 * self.block_kv_dkv * self.block_q_dkv * dtype_bytes + 2 * self.block_q_dkv * hp * 4
+            del sizes["dq"]
+        return sizes
+
+
+def dq_split(block_q: int, head_dim_padded: int) -> str | None:
+    """How the two consumers of the fused dK/dV/dQ kernel share a step's ``block_q x H`` dQ tile:
+    by rows when each half is whole 64-row wgmma slabs, else by 64-column halves (a 128-byte
+    swizzle tile, so the operand slices stay tile-aligned); None when neither fits."""
+    if block_q % 128 == 0:
+        return "rows"
+    if head_dim_padded % 128 == 0:
+        return "cols"
+    return None
 
 
 # H100 shared memory per CTA (227 KiB) less room for barriers, the log-sum-exp tiles and alignment:

@@ -33,9 +33,60 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.config import MosaicStatics
-from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, kv_steps, launch,
-                                         mma, mma_into, produce, smem_transforms)
+from pallas_flash.config import MosaicStatics, dq_split
+from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, drain, kv_steps,
+                                         launch, mma, mma_into, produce, smem_transforms)
+
+
+def _dq_slab(statics: MosaicStatics, w: int):
+    """(rows, cols) of consumer ``w``'s share of a fused step's ``block_q_dkv x H`` dQ tile."""
+    block_q, hp = statics.config.block_q_dkv, statics.head_dim_padded
+    if dq_split(block_q, hp) == "rows":
+        return pl.ds(w * (block_q // 2), block_q // 2), pl.ds(0, hp)
+    return pl.ds(0, block_q), pl.ds(w * (hp // 2), hp // 2)
+
+
+def _kv_ctas(statics: MosaicStatics) -> int:
+    return statics.kv_len_padded // (2 * statics.config.block_kv_dkv)
+
+
+def _lo_bits(statics: MosaicStatics) -> int:
+    """Fraction bits of the low word: each partial's is below 2^bits in magnitude, so the sum over
+    every K/V CTA stays below 2^30."""
+    return 30 - max(_kv_ctas(statics) - 1, 0).bit_length()
+
+
+# A row's dQ partials, times its multiplier, stay below 2^_HI_BITS (see `_row_multipliers`), far
+# from int32's 2^31 whatever the rounding of the bound.
+_HI_BITS = 28
+
+
+def _row_multipliers(k, v, d_out, groups: int):
+    """Per query row, a power of two 2^e with |dS_i K| * 2^e < 2^_HI_BITS for every subset of keys.
+
+    dS_ij = P_ij (dP_ij - delta_i) with dP_ij = dO_i . V_j and delta_i = sum_j P_ij dP_ij, so
+    |dS_ij| <= 2 P_ij |dO_i| max_j |V_j| and, as sum_j P_ij <= 1, any partial sum of dS_ij K_jh is
+    at most 2 |dO_i| max_j |V_j| max |K|. Returns ``(multiplier [B, N, T] float32, finite)``: rows
+    whose bound is not finite (inf or NaN inputs) are flagged so the result can carry the NaN.
+    """
+    f32 = jnp.float32
+    do_norm = jnp.sqrt(jnp.sum(jnp.square(d_out.astype(f32)), axis=-1))            # [B, T, N]
+    v_norm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(v.astype(f32)), axis=-1), axis=1))  # [B, K]
+    k_max = jnp.max(jnp.abs(k.astype(f32)), axis=(1, 3))                                # [B, K]
+    per_head = jnp.repeat(2.0 * v_norm * k_max, groups, axis=1)                       # [B, N]
+    bound = jnp.transpose(do_norm, (0, 2, 1)) * per_head[:, :, None]
+    _, exponent = jnp.frexp(bound)  # bound <= 2^exponent
+    # Clamped so 2^e stays a normal float32; bounds below 2^-72 lose bits, not correctness.
+    e = jnp.clip(_HI_BITS - exponent, -100, 100)
+    return jnp.ldexp(jnp.ones_like(bound), e), jnp.isfinite(bound)
+
+
+def _fixed_point_dq(words, multipliers, finite, *, statics: MosaicStatics, shape):
+    """dQ ``[B, T, N, H]`` from the int32 (integer part, fraction) accumulator words."""
+    value = words[0].astype(jnp.float32) + words[1].astype(jnp.float32) * 2.0 ** -_lo_bits(statics)
+    B, T, N, H = shape
+    per_row = jnp.where(finite, statics.scale / multipliers, jnp.nan)[..., :T]  # exact: powers of two
+    return (value[:, :T, :, :H] * jnp.transpose(per_row, (0, 2, 1))[..., None])
 
 
 def _ready_all(barriers, slot):
@@ -45,14 +96,24 @@ def _ready_all(barriers, slot):
 
 def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: MosaicStatics,
                 consumers: int, outputs: str):
-    """``outputs``: "dkdv" (both, one pass), "dv" or "dk" (one pass each, for wide heads)."""
-    want_dk, want_dv = outputs in ("dkdv", "dk"), outputs in ("dkdv", "dv")
+    """``outputs``: "dkdv" (both, one pass), "dv" or "dk" (one pass each, for wide heads), or
+    "dkdv_dq" (both, and dQ added into a fixed-point accumulator, `_fixed_point_dq`)."""
+    fuse = outputs == "dkdv_dq"
+    want_dk, want_dv = outputs != "dv", outputs != "dk"
     refs = list(refs)
-    dk_ref = refs.pop(0) if want_dk else None
-    dv_ref = refs.pop(0) if want_dv else None
+    take = lambda present: refs.pop(0) if present else None
+    mult_ref = take(fuse)
+    acc_ref = take(fuse and not statics.interpret)
+    dk_ref, dv_ref = take(want_dk), take(want_dv)
+    if fuse and statics.interpret:
+        acc_ref = refs.pop(0)
     k_smem2 = refs.pop(0)
-    v_smem2 = refs.pop(0) if want_dk else None  # V only enters through dP, which only dK needs
-    q_smem, do_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, lse_ready, delta_ready, consumed = refs
+    v_smem2 = take(want_dk)  # V only enters through dP, which only dK needs
+    q_smem, do_smem, lse_smem, delta_smem = (refs.pop(0) for _ in range(4))
+    mult_smem, ds_smem, stage_smem = take(fuse), take(fuse), take(fuse)
+    kv_ready, q_ready, do_ready, lse_ready, delta_ready = (refs.pop(0) for _ in range(5))
+    mult_ready, ds_ready, ds_free = take(fuse), take(fuse), take(fuse)
+    (consumed,) = refs
     cfg = statics.config
     block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
     causal, groups = statics.is_causal, statics.groups
@@ -63,17 +124,50 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
-    cta_k0 = lax.axis_index("kv_seq") * (consumers * block_kv)
+    cta = lax.axis_index("kv_seq")
+    cta_k0 = cta * (consumers * block_kv)
     # Causal: query row i sees key j only if j <= i, so rows above this CTA's first key are skipped.
     first_tile = cta_k0 // block_q if causal else 0
     tiles = num_q_tiles - first_tile
     steps = groups * tiles
     stages = cfg.num_stages_bwd
-    ring = (q_ready, do_ready, lse_ready) + ((delta_ready,) if want_dk else ())
+    ring = (q_ready, do_ready, lse_ready) + ((delta_ready,) if want_dk else ()) + ((mult_ready,) if fuse else ())
 
     def step_tile(s):
         g = lax.div(s, tiles)
         return kv_head * groups + g, first_tile + s - g * tiles
+
+    def add_dq(part, mult, w: int, head, t):
+        """Consumer ``w``'s slab of this step's dQ tile (float32, relative to the row multipliers
+        ``mult``) into the accumulator as two int32 words: the integer part and the next
+        ``_LO_BITS`` bits of the fraction. Truncation keeps ``y - hi`` exact (Sterbenz), so the
+        low word is exact up to its last bit. The interpreter has no TMA reductions: there each
+        CTA writes its own slice of a larger, zero-filled output, summed by `mosaic_backward`."""
+        rows, cols = _dq_slab(statics, w)
+        y = part * lax.broadcast_in_dim(mult, part.shape, [0])
+        hi = y.astype(jnp.int32)
+        lo = ((y - hi.astype(jnp.float32)) * float(2 ** _lo_bits(statics))).astype(jnp.int32)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's words are read
+        stage_smem.at[w, 0][...] = hi
+        stage_smem.at[w, 1][...] = lo
+        plgpu.commit_smem()
+        where = (batch, pl.ds(t * block_q + rows.start, rows.size), head, cols)
+        for word in range(2):
+            dst = acc_ref.at[word, cta] if statics.interpret else acc_ref.at[word]
+            plgpu.copy_smem_to_gmem(stage_smem.at[w, word], dst.at[where],
+                                    reduction_op=None if statics.interpret else "add")
+
+    def dq_part(w: int):
+        """dS (block_q x all the CTA's keys) @ K, restricted to consumer ``w``'s slab, from both
+        consumers' dS^T tiles and resident K in shared memory."""
+        rows, cols = _dq_slab(statics, w)
+
+        def issue(acc):
+            for v in range(consumers):
+                plgpu.wgmma(acc, ds_smem.at[v, :, rows].transpose((1, 0)), k_smem2.at[v, :, cols])
+            return acc[...]
+
+        return pl.run_scoped(issue, plgpu.ACC((rows.size, cols.size), jnp.float32))
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -87,6 +181,10 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
         if want_dk:
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[2 * wg + 1])
             plgpu.barrier_wait(kv_ready.at[2 * wg + 1])
+        if fuse:
+            # ds_free completes a phase once both consumers' dQ products of a step are done with
+            # both dS^T tiles; this first arrival opens the first step.
+            plgpu.barrier_arrive(ds_free)
 
         zeros = jnp.zeros((block_kv, statics.head_dim_padded), jnp.float32)
         accs = tuple(plgpu.layout_cast(zeros, plgpu.Layout.WGMMA) for _ in range(want_dk + want_dv))
@@ -111,12 +209,34 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             products = []
             if want_dk:
                 delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
-                products.append((carry[0], dst.astype(dtype), q_smem.at[slot]))
+                dst = (pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))).astype(dtype)
+                products.append((carry[0], dst, q_smem.at[slot]))
             if want_dv:
                 products.append((carry[-1], pt.astype(dtype), do_smem.at[slot]))
-            carry = mma_into(statics, *products)
+
+            def share_ds():
+                # While dV and dK are on the tensor cores: once the partner's dQ product of the
+                # last step is done with the dS^T tiles, publish this step's.
+                plgpu.barrier_wait(ds_free)
+                ds_smem.at[wg][...] = dst
+                plgpu.commit_smem()  # generic-proxy stores, read next by wgmma (async proxy)
+                plgpu.barrier_arrive(ds_ready)
+
+            carry = mma_into(statics, *products, then=share_ds if fuse else None)
+            if fuse:
+                split = _dq_slab(statics, 0)[0].size < block_q
+                mult_rows = pl.ds(wg * (block_q // 2), block_q // 2) if split else pl.ds(0, block_q)
+                mult = plgpu.load(mult_smem.at[slot, mult_rows], layout=plgpu.Layout.WGMMA.reduce(1))
             plgpu.barrier_arrive(consumed.at[slot])
+            if fuse:
+                plgpu.barrier_wait(ds_ready)
+                head, tile = step_tile(s)
+                for w in range(consumers):
+                    @pl.when(wg == w)
+                    def _dq():
+                        part = dq_part(w)
+                        plgpu.barrier_arrive(ds_free)
+                        add_dq(part, mult, w, head, tile)
             return carry
 
         def skip(s):
@@ -131,8 +251,10 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             if not causal:
                 return lax.fori_loop(base, base + num_q_tiles,
                                      functools.partial(step, t=t, masked=False), carry)
-            # Tiles wholly above this key block, tiles across the diagonal, tiles below it.
-            t_active = jnp.maximum(k0 // block_q, first_tile)
+            # Tiles wholly above this key block, tiles across the diagonal, tiles below it. Fused,
+            # both consumers take part in every step's dQ product, so nothing is skipped: the
+            # masked step gives this consumer's share zeros.
+            t_active = first_tile if fuse else jnp.maximum(k0 // block_q, first_tile)
             t_full = jnp.clip(pl.cdiv(k0 + block_kv - 1, block_q), t_active, num_q_tiles)
             pl.loop(base + first_tile, base + t_active)(skip)
             carry = lax.fori_loop(base + t_active, base + t_full,
@@ -141,6 +263,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                                  functools.partial(step, t=t, masked=False), carry)
 
         accs = lax.fori_loop(0, groups, group, accs)
+        if fuse:
+            # The partner's last dQ product reads this consumer's K, which dK is about to replace.
+            plgpu.barrier_wait(ds_free)
         # K (and V) are dead now: their tiles carry the results out. dK also needs the scale's
         # chain rule (S = scale * Q K^T); dV does not.
         if want_dk:
@@ -168,6 +293,8 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             if want_dk:
                 plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
                                         delta_ready.at[slot])
+            if fuse:
+                plgpu.copy_gmem_to_smem(mult_ref.at[batch, head, rows], mult_smem.at[slot], mult_ready.at[slot])
 
         produce(steps, stages, [(consumed, load)])
 
@@ -238,12 +365,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
             dq = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), dq)
 
         if causal:
-            @pl.loop(steps, cta_steps)
-            def _drain(i):
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(k_ready.at[slot])
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_arrive(consumed.at[slot])
+            drain(steps, cta_steps, stages, [((k_ready, v_ready), consumed)])
 
         q_smem[...] = (dq * statics.scale).astype(dtype)
         plgpu.commit_smem()
@@ -283,28 +405,56 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
     def tiles(count, rows):
         return plgpu.SMEM((count, rows, Hp), q.dtype, transforms=transforms)
 
-    def dkv(outputs: str, consumers: int):
+    def dkv(outputs: str, consumers: int, *dq_operands):
+        fuse = outputs == "dkdv_dq"
+        block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
+        fused_scratch = [
+            plgpu.SMEM((consumers, block_kv, block_q), q.dtype, transforms=transforms),
+            plgpu.SMEM((consumers, 2, *(s.size for s in _dq_slab(statics, 0))), jnp.int32,
+                       transforms=smem_transforms(jnp.int32)),
+        ]
+        out_type = [jax.ShapeDtypeStruct(kp.shape, k.dtype)] * (1 if outputs in ("dk", "dv") else 2)
+        if fuse and statics.interpret:
+            out_type.append(jax.ShapeDtypeStruct((2, _kv_ctas(statics), *qp.shape), jnp.int32))
         return launch(
             functools.partial(_dkv_kernel, consumers=consumers, outputs=outputs), statics=statics,
-            out_type=[jax.ShapeDtypeStruct(kp.shape, k.dtype)] * (2 if outputs == "dkdv" else 1),
+            out_type=out_type, zero_outputs=fuse,
             scratch=[
-                *[tiles(consumers, cfg.block_kv_dkv)] * (1 if outputs == "dv" else 2),
-                tiles(stages, cfg.block_q_dkv), tiles(stages, cfg.block_q_dkv),
-                plgpu.SMEM((stages, cfg.block_q_dkv), jnp.float32),
-                plgpu.SMEM((stages, cfg.block_q_dkv), jnp.float32),
+                *[tiles(consumers, block_kv)] * (1 if outputs == "dv" else 2),
+                tiles(stages, block_q), tiles(stages, block_q),
+                plgpu.SMEM((stages, block_q), jnp.float32),
+                plgpu.SMEM((stages, block_q), jnp.float32),
+                *([plgpu.SMEM((stages, block_q), jnp.float32), *fused_scratch] if fuse else []),
                 plgpu.Barrier(num_barriers=2 * consumers),
-                *[plgpu.Barrier(num_barriers=stages)] * 4,
+                *[plgpu.Barrier(num_barriers=stages)] * (5 if fuse else 4),
+                *([plgpu.Barrier(num_arrivals=consumers)] * 2 if fuse else []),
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
             ],
-            grid=(K, Sp // (consumers * cfg.block_kv_dkv), B), grid_names=("heads", "kv_seq", "batch"),
+            grid=(K, Sp // (consumers * block_kv), B), grid_names=("heads", "kv_seq", "batch"),
             consumers=consumers, name=f"pallas_flash_mosaic_{outputs}",
-        )(qp, dop, lse, delta, kp, vp)
+        )(qp, dop, lse, delta, kp, vp, *dq_operands)
 
     # Up to head dim 128 one pass keeps dK and dV (two 64 x H float32 accumulators) in registers;
     # at 256 those would be 256 registers per thread, so dV and dK take a pass each, and the dK
     # and dQ passes (two resident 64 x 256 tiles plus the ring) run one consumer per CTA to fit
     # shared memory.
     wide = statics.head_dim_padded > 128
+    if not wide and cfg.fuse_dq:
+        # Integer adds are associative, so the TMA reduce-adds of the CTAs' partial dQ tiles give
+        # the same bits in any order: deterministic, unlike FlashAttention-3's float32 atomics.
+        multipliers, finite = _row_multipliers(k, v, d_out, statics.groups)
+        multipliers_p = jnp.pad(multipliers, pad_rows, constant_values=1.0)
+        if statics.interpret:
+            # The interpreter has no TMA reductions: each K/V CTA writes its own slice of a
+            # zero-filled output instead, summed here.
+            dk, dv, words = dkv("dkdv_dq", 2, multipliers_p)
+            words = jnp.sum(words, axis=1)
+        else:
+            words = jax.new_ref(jnp.zeros((2, *qp.shape), jnp.int32))
+            dk, dv = dkv("dkdv_dq", 2, multipliers_p, words)
+            words = words[...]
+        dq = _fixed_point_dq(words, multipliers, finite, statics=statics, shape=q.shape)
+        return dq.astype(q.dtype), dk[:, :S, :, :H], dv[:, :S, :, :H]
     if wide:
         (dv,), (dk,) = dkv("dv", 2), dkv("dk", 1)
     else:

@@ -61,12 +61,19 @@ def compiler_params():
     return plgpu.CompilerParams(approx_math=True)
 
 
-def interpret_params(statics: MosaicStatics):
-    return plgpu.InterpretGPUParams(detect_races=statics.detect_races) if statics.interpret else None
+def interpret_params(statics: MosaicStatics, *, zero_outputs: bool = False):
+    if not statics.interpret:
+        return None
+    # Outputs start as NaN (or the integer maximum) unless asked, so an element a kernel forgets
+    # to write shows up in the tests.
+    return plgpu.InterpretGPUParams(detect_races=statics.detect_races,
+                                    uninitialized_memory="zero" if zero_outputs else "nan")
 
 
-def launch(body, *, statics: MosaicStatics, out_type, scratch, grid, grid_names, consumers: int, name: str):
-    """`plgpu.kernel` with ``consumers`` compute warpgroups plus one producer warpgroup ("wg")."""
+def launch(body, *, statics: MosaicStatics, out_type, scratch, grid, grid_names, consumers: int, name: str,
+           zero_outputs: bool = False):
+    """`plgpu.kernel` with ``consumers`` compute warpgroups plus one producer warpgroup ("wg");
+    ``zero_outputs`` zero-fills the outputs in interpret mode (a GPU leaves them undefined)."""
     return plgpu.kernel(
         functools.partial(body, statics=statics),
         out_type=out_type,
@@ -76,7 +83,7 @@ def launch(body, *, statics: MosaicStatics, out_type, scratch, grid, grid_names,
         num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=compiler_params(),
-        interpret=interpret_params(statics),
+        interpret=interpret_params(statics, zero_outputs=zero_outputs),
         kernel_name=name,
     )
 
@@ -191,6 +198,23 @@ def produce(steps, stages: int, parts):
             plgpu.barrier_wait(consumed.at[lax.rem(i, stages)])
 
 
+def drain(start, stop, stages: int, parts, turn=None):
+    """A consumer's side of ring tiles ``start..stop`` it has no work in (causal tiles past its
+    diagonal that its partner still needs): for each ``(ready_barriers, consumed)`` part it waits
+    for the tile and releases it, then takes ``turn()`` if given. Waiting before releasing keeps it
+    from arriving twice on one slot's barrier before its partner has arrived once, so the
+    producer's and the partner's barrier counts stay in step."""
+    @pl.loop(start, stop)
+    def _drain(i):
+        slot = lax.rem(i, stages)
+        for ready, consumed in parts:
+            for barrier in ready:
+                plgpu.barrier_wait(barrier.at[slot])
+            plgpu.barrier_arrive(consumed.at[slot])
+        if turn is not None:
+            turn()
+
+
 def turns(schedule, wg, *, consumers: int):
     """Tensor-core turns between two consumer warpgroups (FA3 section 3.1): consumer w waits on
     ``schedule[w]`` before issuing its products and arrives on the other's once they are issued, so
@@ -257,18 +281,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     def rescale(acc, alpha):
         return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
-    def drain(steps, turn):
-        """Keeps the producer's and the partner's barrier counts in step (module docstring).
-        Waiting for each tile before releasing it keeps this warpgroup from arriving twice on one
-        slot's barrier before its partner has arrived once."""
-        @pl.loop(steps, cta_steps)
-        def _drain(i):
-            slot = lax.rem(i, stages)
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            turn()
+    def drain_rest(steps, turn):
+        drain(steps, cta_steps, stages, [((k_ready,), k_consumed), ((v_ready,), v_consumed)], turn)
 
     def pingpong(q0, qo_smem, acc, m, l):
         """Two tensor-core turns per tile (``Q K^T``, then ``P V``), handed over on a two-arrival
@@ -317,7 +331,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         if causal or kv_len % block_kv:  # a straddling diagonal or a ragged last tile
             carry = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
         if causal:
-            drain(steps, lambda: (_schedule_sync(schedule), _schedule_sync(schedule)))
+            drain_rest(steps, lambda: (_schedule_sync(schedule), _schedule_sync(schedule)))
         pl.when(wg == 0)(lambda: _schedule_sync(schedule))
         return carry
 
@@ -374,7 +388,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         (acc,) = mma_into(statics, (acc, p16, v_smem.at[last]), then=end_turn)
         plgpu.barrier_arrive(v_consumed.at[last])
         if causal:
-            drain(steps, lambda: (take_turn(), end_turn()))
+            drain_rest(steps, lambda: (take_turn(), end_turn()))
         end()
         return acc, m, l
 
