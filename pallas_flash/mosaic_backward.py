@@ -89,6 +89,25 @@ def _fixed_point_dq(words, multipliers, finite, *, statics: MosaicStatics, shape
     return (value[:, :T, :, :H] * jnp.transpose(per_row, (0, 2, 1))[..., None])
 
 
+def _visible(shape, *, row_offset, col_offset, causal: bool, key_len, keys_on_rows: bool):
+    """Which logits of a tile a query may see: causal (key <= query) and, given ``key_len``, keys
+    below it. The causal test compares one ``col - row`` tile against a scalar instead of two
+    offset iota tiles against each other: the two-tile form made ptxas spill 408 bytes in the
+    causal dQ kernel, this one 188 (NOTES.md, session 4)."""
+    layout = plgpu.Layout.WGMMA
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout)
+    visible = None
+    if key_len is not None:
+        keys, key_offset = (rows, row_offset) if keys_on_rows else (cols, col_offset)
+        visible = keys < key_len - key_offset
+    if causal:
+        # keys_on_rows: row_offset + row <= col_offset + col; else col_offset + col <= row_offset + row.
+        diag = (rows - cols <= col_offset - row_offset) if keys_on_rows else (cols - rows <= row_offset - col_offset)
+        visible = diag if visible is None else visible & diag
+    return visible
+
+
 def _ready_all(barriers, slot):
     for b in barriers:
         plgpu.barrier_wait(b.at[slot])
@@ -203,9 +222,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, shape, [1]))
             if masked:
-                keys = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + k0
-                queries = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                pt = jnp.where(keys <= queries + t(s) * block_q, pt, 0.0)
+                # Key k0 + row, query t * block_q + col (padded keys add nothing to any output).
+                pt = jnp.where(_visible(shape, row_offset=k0, col_offset=t(s) * block_q, causal=True,
+                                        key_len=None, keys_on_rows=True), pt, 0.0)
             products = []
             if want_dk:
                 delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -349,12 +368,9 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
                         (do_smem, v_smem.at[slot].transpose((1, 0)), shape))
             p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, shape, [0]))
             if masked:
-                qi = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + q0
-                kj = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + i * block_kv
-                visible = kj < kv_len  # padded keys have k = 0, not P = 0
-                if causal:
-                    visible = visible & (kj <= qi)
-                p = jnp.where(visible, p, 0.0)
+                # Key j = i * block_kv + col, query q0 + row: padded keys have k = 0, not P = 0.
+                p = jnp.where(_visible(shape, row_offset=q0, col_offset=i * block_kv, causal=causal,
+                                       key_len=kv_len if kv_len % block_kv else None, keys_on_rows=False), p, 0.0)
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             (dq,) = mma_into(statics, (dq, ds.astype(dtype), k_smem.at[slot]))
             plgpu.barrier_arrive(consumed.at[slot])
