@@ -21,6 +21,12 @@ two-slot ring, run one consumer warpgroup per CTA to fit shared memory.
 Causal masking skips every tile that lies wholly above the diagonal and masks only those that
 straddle it. The two consumers of a CTA own different rows, so one may skip steps that the other
 computes: it still waits for each tile and releases it, which keeps every barrier's phases in step.
+
+Opt-in (``MosaicConfig.fuse_dq``, head dims up to 128): the dK/dV kernel also forms dQ = dS K per
+step from both consumers' dS^T tiles in shared memory and adds it to HBM as fixed-point int32
+words with TMA reduce-adds, so the dQ kernel and its recomputation of S and dP go away while the
+result stays bitwise deterministic (integer addition is associative). It measured slower than
+the two kernels (register spills, reduce traffic; NOTES.md), hence off by default.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ def _row_multipliers(k, v, d_out, groups: int):
 def _fixed_point_dq(words, multipliers, finite, *, statics: MosaicStatics, shape):
     """dQ ``[B, T, N, H]`` from the int32 (integer part, fraction) accumulator words."""
     value = words[0].astype(jnp.float32) + words[1].astype(jnp.float32) * 2.0 ** -_lo_bits(statics)
-    B, T, N, H = shape
+    T, H = shape[1], shape[3]
     per_row = jnp.where(finite, statics.scale / multipliers, jnp.nan)[..., :T]  # exact: powers of two
     return (value[:, :T, :, :H] * jnp.transpose(per_row, (0, 2, 1))[..., None])
 
@@ -103,7 +109,10 @@ def _visible(shape, *, row_offset, col_offset, causal: bool, key_len, keys_on_ro
         visible = keys < key_len - key_offset
     if causal:
         # keys_on_rows: row_offset + row <= col_offset + col; else col_offset + col <= row_offset + row.
-        diag = (rows - cols <= col_offset - row_offset) if keys_on_rows else (cols - rows <= row_offset - col_offset)
+        if keys_on_rows:
+            diag = rows - cols <= col_offset - row_offset
+        else:
+            diag = cols - rows <= row_offset - col_offset
         visible = diag if visible is None else visible & diag
     return visible
 
@@ -159,7 +168,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     def add_dq(part, mult, w: int, head, t):
         """Consumer ``w``'s slab of this step's dQ tile (float32, relative to the row multipliers
         ``mult``) into the accumulator as two int32 words: the integer part and the next
-        ``_LO_BITS`` bits of the fraction. Truncation keeps ``y - hi`` exact (Sterbenz), so the
+        `_lo_bits` bits of the fraction. Truncation keeps ``y - hi`` exact (Sterbenz), so the
         low word is exact up to its last bit. The interpreter has no TMA reductions: there each
         CTA writes its own slice of a larger, zero-filled output, summed by `mosaic_backward`."""
         rows, cols = _dq_slab(statics, w)
