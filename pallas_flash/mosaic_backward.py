@@ -44,8 +44,9 @@ from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_
                                          launch, mma, mma_into, produce, smem_transforms)
 
 
-def _dq_slab(statics: MosaicStatics, w: int):
-    """(rows, cols) of consumer ``w``'s share of a fused step's ``block_q_dkv x H`` dQ tile."""
+def _dq_slab(statics: MosaicStatics, w):
+    """(rows, cols) of consumer ``w``'s share of a fused step's ``block_q_dkv x H`` dQ tile (``w``
+    a Python int, or the traced warpgroup index for the row slice of per-row values)."""
     block_q, hp = statics.config.block_q_dkv, statics.head_dim_padded
     if dq_split(block_q, hp) == "rows":
         return pl.ds(w * (block_q // 2), block_q // 2), pl.ds(0, hp)
@@ -97,9 +98,10 @@ def _fixed_point_dq(words, multipliers, finite, *, statics: MosaicStatics, shape
 
 def _visible(shape, *, row_offset, col_offset, causal: bool, key_len, keys_on_rows: bool):
     """Which logits of a tile a query may see: causal (key <= query) and, given ``key_len``, keys
-    below it. The causal test compares one ``col - row`` tile against a scalar instead of two
-    offset iota tiles against each other: the two-tile form made ptxas spill 408 bytes in the
-    causal dQ kernel, this one 188 (NOTES.md, session 4)."""
+    below it (``row_offset``/``col_offset``: the first row's and column's query or key index). The
+    causal test compares one ``col - row`` tile against a scalar instead of two offset iota tiles
+    against each other: the two-tile form made ptxas spill 408 bytes in the causal dQ kernel, this
+    one 188 (NOTES.md, session 4)."""
     layout = plgpu.Layout.WGMMA
     rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
     cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout)
@@ -252,8 +254,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
 
             carry = mma_into(statics, *products, then=share_ds if fuse else None)
             if fuse:
-                split = _dq_slab(statics, 0)[0].size < block_q
-                mult_rows = pl.ds(wg * (block_q // 2), block_q // 2) if split else pl.ds(0, block_q)
+                mult_rows, _ = _dq_slab(statics, wg)
                 mult = plgpu.load(mult_smem.at[slot, mult_rows], layout=plgpu.Layout.WGMMA.reduce(1))
             plgpu.barrier_arrive(consumed.at[slot])
             if fuse:
@@ -433,11 +434,13 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
     def dkv(outputs: str, consumers: int, *dq_operands):
         fuse = outputs == "dkdv_dq"
         block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
+        # Fused: the row multipliers' ring, both consumers' dS^T tiles, the staged int32 words.
         fused_scratch = [
+            plgpu.SMEM((stages, block_q), jnp.float32),
             plgpu.SMEM((consumers, block_kv, block_q), q.dtype, transforms=transforms),
             plgpu.SMEM((consumers, 2, *(s.size for s in _dq_slab(statics, 0))), jnp.int32,
                        transforms=smem_transforms(jnp.int32)),
-        ]
+        ] if fuse else []
         out_type = [jax.ShapeDtypeStruct(kp.shape, k.dtype)] * (1 if outputs in ("dk", "dv") else 2)
         if fuse and statics.interpret:
             out_type.append(jax.ShapeDtypeStruct((2, _kv_ctas(statics), *qp.shape), jnp.int32))
@@ -449,7 +452,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
                 tiles(stages, block_q), tiles(stages, block_q),
                 plgpu.SMEM((stages, block_q), jnp.float32),
                 plgpu.SMEM((stages, block_q), jnp.float32),
-                *([plgpu.SMEM((stages, block_q), jnp.float32), *fused_scratch] if fuse else []),
+                *fused_scratch,
                 plgpu.Barrier(num_barriers=2 * consumers),
                 *[plgpu.Barrier(num_barriers=stages)] * (5 if fuse else 4),
                 *([plgpu.Barrier(num_arrivals=consumers)] * 2 if fuse else []),
