@@ -163,6 +163,24 @@ def mma(*products, then=None):
     return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _, _, shape in products))
 
 
+def mma_first(statics: MosaicStatics, first, second, *, then):
+    """Two ``(a_ref, b_ref, shape)`` products, both operands in shared memory, issued back to back;
+    the first is waited for alone and handed to ``then`` while the second is still on the tensor
+    cores (FlashAttention-3 section 3.2's overlap, inside one tile). Returns ``(then(first), second)``.
+    """
+    if statics.interpret:
+        a, b = mma(first, second)
+        return then(a), b
+
+    def issue(a_ref, b_ref):
+        plgpu.wgmma(a_ref, first[0], first[1])
+        plgpu.wgmma(b_ref, second[0], second[1])
+        out = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1))  # the older group only
+        return out, b_ref[...]
+
+    return pl.run_scoped(issue, plgpu.ACC(first[2], jnp.float32), plgpu.ACC(second[2], jnp.float32))
+
+
 def kv_steps(q0, *, block_q: int, block_kv: int, kv_len: int, causal: bool):
     """(K/V tiles with no masked logit, K/V tiles to visit) for query rows [q0, q0 + block_q):
     tiles of pure key padding are never visited, nor, causal, tiles right of the diagonal."""
@@ -261,7 +279,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     _, cta_steps = steps_for(cta_q0 + block_q)  # the later consumer sees the most tiles
 
     def mask_scores(s, i, q0):
-        """-inf for padded keys and, causal, keys right of the diagonal, in K/V tile ``i``."""
+        """-inf for padded keys and, causal, keys right of the diagonal, in K/V tile ``i``. Not the
+        backward's `mosaic_backward._visible` (one ``col - row`` tile): in this kernel that form
+        measured 5-7% slower causal (NOTES.md, session 5)."""
         rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
         cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
         cols = cols + i * block_kv
