@@ -44,10 +44,12 @@ from pallas_flash.config import MosaicConfig, MosaicStatics
 
 LOG2_E = math.log2(math.e)
 _COMPUTE_WGS = 2
-# The producer only issues TMA: 24 registers would do, 40 is the smallest step that leaves the
-# consumers their 232 (setmaxnreg works in multiples of 8 and the CTA total must fit 64K).
-_PRODUCER_REGISTERS = 40
-_CONSUMER_REGISTERS = 232
+# The producer only issues TMA, so it gets setmaxnreg's minimum, 24, and the consumers what that
+# frees: a 384-thread CTA launches with 168 registers per thread, and (24 + 2 * 240) * 128 fits the
+# same 64K. FA3 splits them so too; over 40/232, fwd+bwd measured +0 to +3% on six shapes, the
+# forward -1 to +3% (NOTES.md, session 5).
+_PRODUCER_REGISTERS = 24
+_CONSUMER_REGISTERS = 240
 
 
 def smem_transforms(dtype):
