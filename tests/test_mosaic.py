@@ -7,6 +7,7 @@ every barrier phase checked); on the H100 the same tests run the compiled kernel
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,44 @@ def test_gradients_are_deterministic(rng):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     for a, b in zip(grad(q, k, v), grad(q, k, v)):
         np.testing.assert_array_equal(np.asarray(a, F32), np.asarray(b, F32))
+
+
+def test_backward_parts_swap_out_one_kernel_each(rng):
+    """`benchmarks.backward_parts` times each backward kernel alone by swapping the other's launch
+    for zeros: the swapped kernel's gradients come back zero, the kept one's bit for bit as in the
+    whole backward, and the whole backward matches the float32 reference."""
+    from benchmarks import backward_parts
+
+    T, N, H = 130, 2, 64
+    q, k, v, d_out = random_inputs(rng, B=1, T=T, S=T, N=N, K=N, H=H, dtype=BF16)
+    statics = MosaicStatics(config=SMALL, scale=H ** -0.5, is_causal=True, q_len=T, kv_len=T, head_dim=H,
+                            groups=1, interpret=jax.default_backend() != "gpu")
+    _, parts = backward_parts.backward_fns(q, k, v, d_out, statics=statics)
+    full, dkdv, dq = (fn(*args) for fn, args in (parts[p] for p in ("backward", "dkdv_alone", "dq_alone")))
+    for kept, swapped, whole in ((dkdv[1:], dkdv[:1], full[1:]), (dq[:1], dq[1:], full[:1])):
+        assert all(not bool(jnp.any(g)) for g in swapped)
+        for got, want in zip(kept, whole):
+            np.testing.assert_array_equal(np.asarray(got, F32), np.asarray(want, F32))
+    oracle = lambda q, k, v: reference.attention(q, k, v, scale=H ** -0.5, is_causal=True)[0]
+    naive = lambda q, k, v: naive_lowp(q, k, v, scale=H ** -0.5, is_causal=True)
+    f32 = lambda x: x.astype(F32)
+    want = jax.vjp(oracle, f32(q), f32(k), f32(v))[1](f32(d_out))
+    low = jax.vjp(naive, q, k, v)[1](d_out)
+    for name, g, w, n in zip("qkv", full, want, low):
+        assert rel_err(g, w) <= tolerance(rel_err(n, w), BF16), name
+
+
+def test_backward_parts_main_writes_rows(tmp_path):
+    """The script end to end at one tiny shape (interpret mode without a GPU): a row per causal
+    setting, a positive time for every part."""
+    from benchmarks import backward_parts
+
+    out = tmp_path / "parts.json"
+    assert backward_parts.main(["--shapes", "1,128,1,64", "--causal", "no", "--rounds", "1", "--calls", "1",
+                                "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == [1, 128, 1, 64] and row["causal"] is False
+    assert set(row["ms"]) == {"forward", *backward_parts.PARTS} and min(row["ms"].values()) > 0
 
 
 @pytest.mark.parametrize("H,block_q_dkv,is_causal", [(128, 64, False), (64, 128, True)])
