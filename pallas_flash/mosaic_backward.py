@@ -236,7 +236,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 return pt
 
             # S^T and dP^T go to the tensor cores back to back and P^T's exponentials run while
-            # dP^T is still in flight (+1 to 3% fwd+bwd, and no spills in the causal kernel where
+            # dP^T is still in flight (+0.3 to 3.3% fwd+bwd, and no spills in the causal kernel where
             # one wait for both spilled 232 bytes: NOTES.md, session 5); then dV and dK together.
             if want_dk:
                 pt, dpt = mma_first(statics, st_smem, (v_smem, do_smem.at[slot].transpose((1, 0)), shape),
