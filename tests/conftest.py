@@ -8,8 +8,14 @@ import os
 
 # XLA's GEMM autotuning of every reference einsum costs the GPU suite minutes and changes no result.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+# The Mosaic GPU interpreter runs each warpgroup as its own XLA:CPU execution that blocks inside
+# barrier-wait callbacks, while the kernel's own callback waits for all of them. The CPU client runs
+# executions on a pool of one thread per core, so on a 2-core machine the kernel's callback and one
+# blocked warpgroup fill it and the warpgroups that would release the barrier never start: a
+# deadlock (NOTES.md, "CPU suite"). PJRT_NPROC sizes that pool when the client is created.
+os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
 
-import jax  # noqa: E402  (after XLA_FLAGS, which the backend reads once)
+import jax  # noqa: E402  (after XLA_FLAGS and PJRT_NPROC, which the backend reads once)
 import pytest  # noqa: E402
 
 # Float32 comparisons between implementations need true float32 dots: on a GPU XLA's default lets
