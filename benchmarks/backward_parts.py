@@ -8,7 +8,8 @@ the forward's residuals), the backward with the dQ kernel's launch replaced by z
 alone") and with the dK/dV launch replaced ("dQ alone"). Both "alone" times include the XLA work
 the kernels share (delta, padding). TFLOP/s count the products each part issues per tile pair:
 two in the forward, four in the dK/dV kernel, three in the dQ kernel (seven in the backward, whose
-"convention" rate uses FlashAttention's five).
+"convention" rate uses FlashAttention's five). Head dims up to 128 only: above that the backward
+runs separate dV and dK passes (other kernels, other product counts).
 
 The launches are swapped by patching `mosaic_backward.launch` inside this process, so the library
 carries no switch for it. Without a GPU it runs a tiny interpret-mode case as a smoke test.
@@ -78,6 +79,10 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
+    for shape in args.shapes:
+        if int(shape.split(",")[-1]) > 128:
+            parser.error(f"--shapes {shape}: head dims above 128 run other backward kernels than the "
+                         "dK/dV and dQ ones this script swaps")
     interpret = jax.default_backend() != "gpu"
     if interpret:
         print("No GPU: one tiny interpret-mode case, timings meaningless.", flush=True)

@@ -109,6 +109,9 @@ def test_backward_parts_main_writes_rows(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["shape"] == [1, 128, 1, 64] and row["causal"] is False
     assert set(row["ms"]) == {"forward", *backward_parts.PARTS} and min(row["ms"].values()) > 0
+    # Head dim 256 runs separate dV and dK passes that the swap would leave in "dQ alone".
+    with pytest.raises(SystemExit):
+        backward_parts.main(["--shapes", "1,128,1,256", "--out", str(out)])
 
 
 @pytest.mark.parametrize("H,block_q_dkv,is_causal", [(128, 64, False), (64, 128, True)])
