@@ -120,11 +120,6 @@ def _visible(shape, *, row_offset, col_offset, causal: bool, key_len, keys_on_ro
     return visible
 
 
-def _ready_all(barriers, slot):
-    for b in barriers:
-        plgpu.barrier_wait(b.at[slot])
-
-
 def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: MosaicStatics,
                 consumers: int, outputs: str):
     """``outputs``: "dkdv" (both, one pass), "dv" or "dk" (one pass each, for wide heads), or
@@ -142,8 +137,8 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     v_smem2 = take(want_dk)  # V only enters through dP, which only dK needs
     q_smem, do_smem, lse_smem, delta_smem = (refs.pop(0) for _ in range(4))
     mult_smem, ds_smem, stage_smem = take(fuse), take(fuse), take(fuse)
-    kv_ready, q_ready, do_ready, lse_ready, delta_ready = (refs.pop(0) for _ in range(5))
-    mult_ready, ds_ready, ds_free = take(fuse), take(fuse), take(fuse)
+    kv_ready, tile_ready = refs.pop(0), refs.pop(0)
+    ds_ready, ds_free = take(fuse), take(fuse)
     (consumed,) = refs
     cfg = statics.config
     block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
@@ -162,7 +157,6 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     tiles = num_q_tiles - first_tile
     steps = groups * tiles
     stages = cfg.num_stages_bwd
-    ring = (q_ready, do_ready, lse_ready) + ((delta_ready,) if want_dk else ()) + ((mult_ready,) if fuse else ())
 
     def step_tile(s):
         g = lax.div(s, tiles)
@@ -222,7 +216,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
 
         def step(s, carry, *, t, masked: bool):
             slot = lax.rem(s, stages)
-            _ready_all(ring, slot)
+            plgpu.barrier_wait(tile_ready.at[slot])
             shape = (block_kv, block_q)
             st_smem = (k_smem, q_smem.at[slot].transpose((1, 0)), shape)
 
@@ -278,7 +272,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
 
         def skip(s):
             slot = lax.rem(s, stages)
-            _ready_all(ring, slot)
+            plgpu.barrier_wait(tile_ready.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
 
         def group(g, carry):
@@ -324,21 +318,21 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
         def load(s, slot):
             head, t = step_tile(s)
             rows = pl.ds(t * block_q, block_q)
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_ready.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_ready.at[slot])
-            plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], lse_ready.at[slot])
+            ready = tile_ready.at[slot]
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], ready)
+            plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], ready)
+            plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], ready)
             if want_dk:
-                plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
-                                        delta_ready.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], ready)
             if fuse:
-                plgpu.copy_gmem_to_smem(mult_ref.at[batch, head, rows], mult_smem.at[slot], mult_ready.at[slot])
+                plgpu.copy_gmem_to_smem(mult_ref.at[batch, head, rows], mult_smem.at[slot], ready)
 
         produce(steps, stages, [(consumed, load)])
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
                q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-               rows_ready, k_ready, v_ready, consumed, *, statics: MosaicStatics, consumers: int):
+               rows_ready, kv_ready, consumed, *, statics: MosaicStatics, consumers: int):
     cfg = statics.config
     block_q, block_kv = cfg.block_q_dq, cfg.block_kv_dq
     causal, kv_len = statics.is_causal, statics.kv_len
@@ -379,8 +373,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
 
         def step(i, dq, *, masked: bool):
             slot = lax.rem(i, stages)
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(kv_ready.at[slot])
             shape = (block_q, block_kv)
 
             def probabilities(s):
@@ -405,7 +398,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
             dq = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), dq)
 
         if causal:
-            drain(steps, cta_steps, stages, [((k_ready, v_ready), consumed)])
+            drain(steps, cta_steps, stages, [((kv_ready,), consumed)])
 
         q_smem[...] = (dq * statics.scale).astype(dtype)
         plgpu.commit_smem()
@@ -419,8 +412,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
 
         def load(i, slot):
             rows = (batch, pl.ds(i * block_kv, block_kv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], kv_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], kv_ready.at[slot])
 
         produce(cta_steps, stages, [(consumed, load)])
 
@@ -468,7 +461,11 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
                 plgpu.SMEM((stages, block_q), jnp.float32),
                 *fused_scratch,
                 plgpu.Barrier(num_barriers=2 * consumers),
-                *[plgpu.Barrier(num_barriers=stages)] * (5 if fuse else 4),
+                # One barrier per ring slot for all of a step's copies (Q, dO, the row vectors),
+                # each copy one arrival: one wait per step instead of one per copy (here and in the
+                # dQ kernel: fwd+bwd +1 to +4% at 4k and 16k, head dims 64 and 128; NOTES.md,
+                # session 6).
+                plgpu.Barrier(num_arrivals=3 + (outputs != "dv") + fuse, num_barriers=stages),
                 *([plgpu.Barrier(num_arrivals=consumers)] * 2 if fuse else []),
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
             ],
@@ -513,8 +510,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
             plgpu.SMEM((consumers, cfg.block_q_dq), jnp.float32),
             tiles(dq_stages, cfg.block_kv_dq), tiles(dq_stages, cfg.block_kv_dq),
             plgpu.Barrier(num_barriers=4 * consumers),
-            plgpu.Barrier(num_barriers=dq_stages),
-            plgpu.Barrier(num_barriers=dq_stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages),  # K and V of a slot: one wait
             plgpu.Barrier(num_arrivals=consumers, num_barriers=dq_stages),
         ],
         grid=(N, Tp // (consumers * cfg.block_q_dq), B), grid_names=("heads", "q_seq", "batch"),
