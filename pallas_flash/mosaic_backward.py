@@ -284,8 +284,10 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                                      functools.partial(step, t=t, masked=False), carry)
             # Tiles wholly above this key block, tiles across the diagonal, tiles below it. Fused,
             # both consumers take part in every step's dQ product, so nothing is skipped: the
-            # masked step gives this consumer's share zeros.
-            t_active = first_tile if fuse else jnp.maximum(k0 // block_q, first_tile)
+            # masked step gives this consumer's share zeros. Capped at the query tiles there are:
+            # with S > T a consumer's keys can start past the last query, and skipping more tiles
+            # than the producer loads would wait forever.
+            t_active = first_tile if fuse else jnp.clip(k0 // block_q, first_tile, num_q_tiles)
             t_full = jnp.clip(pl.cdiv(k0 + block_kv - 1, block_q), t_active, num_q_tiles)
             pl.loop(base + first_tile, base + t_active)(skip)
             carry = lax.fori_loop(base + t_active, base + t_full,

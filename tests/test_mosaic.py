@@ -29,6 +29,8 @@ CASES = {
     "gqa_ragged_bf16": dict(B=1, T=130, S=200, N=4, K=2, H=64, dtype=BF16),
     # Causal with T > S and MQA: tiles above the diagonal are skipped, straddling ones masked.
     "mqa_causal_t_gt_s_f16": dict(B=2, T=200, S=97, N=2, K=1, H=128, dtype=F16, is_causal=True),
+    # Causal with S > T: the second consumer of the last dK/dV CTA holds keys past every query.
+    "causal_s_gt_t_bf16": dict(B=1, T=70, S=250, N=2, K=2, H=64, dtype=BF16, is_causal=True),
     # Head dim padded to 64 inside the kernels; one key tile only.
     "small_head_causal_bf16": dict(B=1, T=64, S=40, N=2, K=2, H=40, dtype=BF16, is_causal=True),
     # Head dim 256: separate dV and dK passes, one consumer in the dK and dQ passes.
