@@ -5,8 +5,8 @@
 For each B,S,N,H shape and causal setting this times, in one process with the rounds interleaved
 (`pallas_flash.timing.interleaved_rounds`): the forward, the whole backward (`mosaic_backward` from
 the forward's residuals), the backward with the dQ kernel's launch replaced by zeros ("dK/dV
-alone") and with the dK/dV launch replaced ("dQ alone"). Both "alone" times include the XLA work
-the kernels share (delta, padding). TFLOP/s count the products each part issues per tile pair:
+alone"), with the dK/dV launch replaced ("dQ alone") and with both replaced ("shared": the XLA work
+the kernels share, delta and padding, which both "alone" times include). TFLOP/s count the products each part issues per tile pair:
 two in the forward, four in the dK/dV kernel, three in the dQ kernel (seven in the backward, whose
 "convention" rate uses FlashAttention's five). Head dims up to 128 only: above that the backward
 runs separate dV and dK passes (other kernels, other product counts).
@@ -34,16 +34,18 @@ from pallas_flash.mosaic_forward import mosaic_forward
 from pallas_flash.timing import interleaved_rounds
 
 # The kernel names `mosaic_backward` gives its launches.
-PARTS = {"backward": None, "dkdv_alone": "pallas_flash_mosaic_dq", "dq_alone": "pallas_flash_mosaic_dkdv"}
+PARTS = {"backward": (), "dkdv_alone": ("pallas_flash_mosaic_dq",), "dq_alone": ("pallas_flash_mosaic_dkdv",),
+         "shared": ("pallas_flash_mosaic_dq", "pallas_flash_mosaic_dkdv")}
 
 
 @contextlib.contextmanager
-def without_kernel(skipped: str | None):
-    """Inside, `mosaic_backward`'s launches of kernel ``skipped`` return zeros of their output types."""
+def without_kernel(skipped: tuple[str, ...]):
+    """Inside, `mosaic_backward`'s launches of the kernels named in ``skipped`` return zeros of their
+    output types."""
     real = mb.launch
 
     def launch(body, *, out_type, name: str, **kwargs):
-        if name != skipped:
+        if name not in skipped:
             return real(body, out_type=out_type, name=name, **kwargs)
         many = isinstance(out_type, (list, tuple))
         zeros = [jnp.zeros(o.shape, o.dtype) for o in (out_type if many else [out_type])]
@@ -99,7 +101,7 @@ def main(argv=None):
             times = interleaved_rounds([forward, *parts.values()], rounds=args.rounds, calls=args.calls)
             ms = dict(zip(["forward", *parts], (statistics.median(t) * 1e3 for t in times)))
             product = 2.0 * B * N * S * S * H * (0.5 if causal else 1.0)  # one matmul's flops
-            issued = dict(forward=2, backward=7, dkdv_alone=4, dq_alone=3)
+            issued = dict(forward=2, backward=7, dkdv_alone=4, dq_alone=3, shared=0)
             tflops = {p: issued[p] * product / (t * 1e-3) / 1e12 for p, t in ms.items()}
             row = dict(shape=[B, S, N, H], causal=causal, ms=ms, issued_tflops=tflops,
                        backward_convention_tflops=5 * product / (ms["backward"] * 1e-3) / 1e12)
