@@ -181,6 +181,11 @@ class MosaicConfig:
     dims up to 128, and the two consumers must be able to split a ``block_q_dkv x H`` dQ tile into
     64-row slabs (``block_q_dkv`` a multiple of 128, or ``H`` of 128: `dq_split`). Off by default:
     as built it measured slower than the two kernels (NOTES.md, session 4).
+
+    ``stagger_bwd`` starts the second consumer of each backward kernel half a step behind the first
+    (one barrier, once per CTA), so their elementwise work and products alternate from the first
+    step instead of colliding until they drift apart. No turns are forced after that: explicit
+    turns measured slower in these kernels (NOTES.md, session 4).
     """
 
     block_q: int = 64
@@ -193,6 +198,7 @@ class MosaicConfig:
     num_stages_bwd: int = 2
     overlap_softmax: bool = False
     fuse_dq: bool = False
+    stagger_bwd: bool = False
 
     def __post_init__(self):
         _plain_fields(self, self._check)
@@ -253,10 +259,12 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False) -> MosaicCo
     # Head dim 64 is softmax-bound (its products are half as long for as many exponentials): the
     # intra-warpgroup overlap measured slower there (401 vs 448 TFLOP/s), faster above (NOTES.md).
     # Its backward streams 128 query rows through the dK/dV kernel and 128 keys through the dQ
-    # kernel (+10% fwd+bwd non-causal, +2-4% causal at 4k and 16k over 64-row tiles).
+    # kernel (+10% fwd+bwd non-causal, +2-4% causal at 4k and 16k over 64-row tiles), with its two
+    # consumers staggered (+3 to +7% fwd+bwd at 4k and 16k, causal and not, in two runs; at head dim
+    # 128 -2 to +2%, so not there: NOTES.md, session 7).
     if hp <= 64:
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2,
-                            block_q_dkv=128, block_kv_dq=128)
+                            block_q_dkv=128, block_kv_dq=128, stagger_bwd=True)
     if hp <= 128:
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.

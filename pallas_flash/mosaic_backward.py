@@ -139,8 +139,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     mult_smem, ds_smem, stage_smem = take(fuse), take(fuse), take(fuse)
     kv_ready, tile_ready = refs.pop(0), refs.pop(0)
     ds_ready, ds_free = take(fuse), take(fuse)
-    (consumed,) = refs
+    consumed, start = refs
     cfg = statics.config
+    stagger = cfg.stagger_bwd and outputs == "dkdv" and consumers == 2
     block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
     causal, groups = statics.is_causal, statics.groups
     dtype = q_ref.dtype
@@ -238,6 +239,8 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             else:
                 (st,) = mma(st_smem)
                 pt = probabilities(st)
+            if stagger:
+                pl.when((wg == 0) & (s == 0))(lambda: plgpu.barrier_arrive(start))
             products = []
             if want_dk:
                 delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -295,6 +298,12 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             return lax.fori_loop(base + t_full, base + num_q_tiles,
                                  functools.partial(step, t=t, masked=False), carry)
 
+        if stagger:
+            # Consumer 1 starts once consumer 0's first S^T and dP^T are done, half a step behind
+            # it, so from the first step on one's exponentials overlap the other's products.
+            # Consumer 0's first step is step 0 whenever there are steps (causal: its keys start
+            # at the CTA's first query tile).
+            pl.when((wg == 1) & (steps > 0))(lambda: plgpu.barrier_wait(start))
         accs = lax.fori_loop(0, groups, group, accs)
         if fuse:
             # The partner's last dQ product reads this consumer's K, which dK is about to replace.
@@ -334,8 +343,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
                q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-               rows_ready, kv_ready, consumed, *, statics: MosaicStatics, consumers: int):
+               rows_ready, kv_ready, consumed, start, *, statics: MosaicStatics, consumers: int):
     cfg = statics.config
+    stagger = cfg.stagger_bwd and consumers == 2
     block_q, block_kv = cfg.block_q_dq, cfg.block_kv_dq
     causal, kv_len = statics.is_causal, statics.kv_len
     dtype = q_ref.dtype
@@ -390,11 +400,16 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
             # P's exponentials overlap dP's product, as in the dK/dV kernel.
             p, dp = mma_first(statics, (q_smem, k_smem.at[slot].transpose((1, 0)), shape),
                               (do_smem, v_smem.at[slot].transpose((1, 0)), shape), then=probabilities)
+            if stagger:
+                pl.when((wg == 0) & (i == 0))(lambda: plgpu.barrier_arrive(start))
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             (dq,) = mma_into(statics, (dq, ds.astype(dtype), k_smem.at[slot]))
             plgpu.barrier_arrive(consumed.at[slot])
             return dq
 
+        if stagger:
+            # As in the dK/dV kernel; every consumer has at least one step (row q0 sees key 0).
+            pl.when(wg == 1)(lambda: plgpu.barrier_wait(start))
         dq = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), dq)
         if causal or kv_len % block_kv:
             dq = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), dq)
@@ -470,6 +485,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
                 plgpu.Barrier(num_arrivals=3 + (outputs != "dv") + fuse, num_barriers=stages),
                 *([plgpu.Barrier(num_arrivals=consumers)] * 2 if fuse else []),
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+                plgpu.Barrier(),  # consumer 0 to 1: start (`MosaicConfig.stagger_bwd`)
             ],
             grid=(K, Sp // (consumers * block_kv), B), grid_names=("heads", "kv_seq", "batch"),
             consumers=consumers, name=f"pallas_flash_mosaic_{outputs}",
@@ -514,6 +530,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
             plgpu.Barrier(num_barriers=4 * consumers),
             plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages),  # K and V of a slot: one wait
             plgpu.Barrier(num_arrivals=consumers, num_barriers=dq_stages),
+            plgpu.Barrier(),  # consumer 0 to 1: start (`MosaicConfig.stagger_bwd`)
         ],
         grid=(N, Tp // (consumers * cfg.block_q_dq), B), grid_names=("heads", "q_seq", "batch"),
         consumers=consumers, name="pallas_flash_mosaic_dq",

@@ -40,10 +40,12 @@ CASES = {
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_reference(rng, name):
-    # The forward's softmax schedule as the defaults pick it: overlapped above head dim 64 (the
-    # head-dim-128 and 256 cases), ping-pong alone at 64 and below.
+    # The schedules as the defaults pick them: the forward overlapped above head dim 64 (the
+    # head-dim-128 and 256 cases), ping-pong alone at 64 and below, where the backward's consumers
+    # are staggered.
     overlap = CASES[name]["H"] > 64
-    check_case(rng, **CASES[name], config=SMALL.replace(overlap_softmax=overlap), implementation="mosaic")
+    check_case(rng, **CASES[name], config=SMALL.replace(overlap_softmax=overlap, stagger_bwd=not overlap),
+               implementation="mosaic")
 
 
 def test_three_stages_overlapped_ragged(rng):
