@@ -6,10 +6,11 @@ For each B,S,N,H shape and causal setting this times, in one process with the ro
 (`pallas_flash.timing.interleaved_rounds`): the forward, the whole backward (`mosaic_backward` from
 the forward's residuals), the backward with the dQ kernel's launch replaced by zeros ("dK/dV
 alone"), with the dK/dV launch replaced ("dQ alone") and with both replaced ("shared": the XLA work
-the kernels share, delta and padding, which both "alone" times include). TFLOP/s count the products each part issues per tile pair:
-two in the forward, four in the dK/dV kernel, three in the dQ kernel (seven in the backward, whose
-"convention" rate uses FlashAttention's five). Head dims up to 128 only: above that the backward
-runs separate dV and dK passes (other kernels, other product counts).
+the kernels share, delta and padding, which both "alone" times include). TFLOP/s count the
+products each part issues per tile pair: two in the forward, four in the dK/dV kernel, three in
+the dQ kernel (seven in the backward, whose "convention" rate uses FlashAttention's five). Head
+dims up to 128 only: above that the backward runs separate dV and dK passes (other kernels, other
+product counts).
 
 The launches are swapped by patching `mosaic_backward.launch` inside this process, so the library
 carries no switch for it. Without a GPU it runs a tiny interpret-mode case as a smoke test.

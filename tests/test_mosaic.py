@@ -79,8 +79,9 @@ def test_gradients_are_deterministic(rng):
 
 def test_backward_parts_swap_out_one_kernel_each(rng):
     """`benchmarks.backward_parts` times each backward kernel alone by swapping the other's launch
-    for zeros (or both, for the XLA work they share): the swapped kernels' gradients come back zero, the kept one's bit for bit as in the
-    whole backward, and the whole backward matches the float32 reference."""
+    for zeros (or both, for the XLA work they share): the swapped kernels' gradients come back
+    zero, the kept one's bit for bit as in the whole backward, and the whole backward matches the
+    float32 reference."""
     from benchmarks import backward_parts
 
     T, N, H = 130, 2, 64
@@ -88,8 +89,8 @@ def test_backward_parts_swap_out_one_kernel_each(rng):
     statics = MosaicStatics(config=SMALL, scale=H ** -0.5, is_causal=True, q_len=T, kv_len=T, head_dim=H,
                             groups=1, interpret=jax.default_backend() != "gpu")
     _, parts = backward_parts.backward_fns(q, k, v, d_out, statics=statics)
-    full, dkdv, dq, shared = (fn(*args) for fn, args in (parts[p] for p in ("backward", "dkdv_alone", "dq_alone",
-                                                                              "shared")))
+    names = ("backward", "dkdv_alone", "dq_alone", "shared")
+    full, dkdv, dq, shared = (fn(*args) for fn, args in (parts[p] for p in names))
     assert all(not bool(jnp.any(g)) for g in shared)
     for kept, swapped, whole in ((dkdv[1:], dkdv[:1], full[1:]), (dq[:1], dq[1:], full[:1])):
         assert all(not bool(jnp.any(g)) for g in swapped)
