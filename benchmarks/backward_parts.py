@@ -40,7 +40,7 @@ PARTS = {"backward": (), "dkdv_alone": ("pallas_flash_mosaic_dq",), "dq_alone": 
 
 
 @contextlib.contextmanager
-def without_kernel(skipped: tuple[str, ...]):
+def without_kernels(skipped: tuple[str, ...]):
     """Inside, `mosaic_backward`'s launches of the kernels named in ``skipped`` return zeros of their
     output types."""
     real = mb.launch
@@ -60,12 +60,12 @@ def without_kernel(skipped: tuple[str, ...]):
 
 
 def backward_fns(q, k, v, d_out, *, statics: MosaicStatics):
-    """(forward fn and args, {part: (jitted backward with that kernel swapped, args)})."""
+    """(forward fn and args, {part: (jitted backward with that part's kernels swapped, args)})."""
     fwd = jax.jit(functools.partial(mosaic_forward, statics=statics))
     out, lse = fwd(q, k, v)
     parts = {}
     for part, skipped in PARTS.items():
-        with without_kernel(skipped):
+        with without_kernels(skipped):
             fn = jax.jit(functools.partial(mb.mosaic_backward, statics=statics))
             args = (q, k, v, out, lse, d_out)
             jax.block_until_ready(fn(*args))  # traced (and compiled) while the patch is in place
