@@ -26,14 +26,15 @@ from pallas_flash.timing import median_seconds
 
 def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[list, list]:
     """(forward candidates, backward candidates) around ``base``: the forward varies the query rows
-    per consumer, the K/V tile, the ring depth and the softmax schedule; the backward the tiles of
-    both kernels, its ring depth and whether its consumers start staggered. Configs over the
-    shared-memory budget are left out."""
+    per consumer, the K/V tile, the ring depth, the softmax schedule and (head dim 64) the number
+    of consumers; the backward the tiles of both kernels, its ring depth and whether its consumers
+    start staggered. Configs over the shared-memory budget are left out."""
     base = base or default_mosaic_config(head_dim=head_dim)
-    # The overlapped softmax holds a second score tile: with 128-row consumers it cannot fit.
-    fwd = [base.replace(block_q=bq, block_kv=bk, num_stages=s, overlap_softmax=o)
-           for bq, bk, s, o in itertools.product((64, 128), (64, 128, 192), (2, 3, 4), (False, True))
-           if not (o and bq > 64)]
+    # The overlapped softmax holds a second score tile: with 128-row consumers it cannot fit. Three
+    # consumers need it (`MosaicConfig`), and their 160 registers hold its tiles at head dim 64 only.
+    fwd = [base.replace(block_q=bq, block_kv=bk, num_stages=s, overlap_softmax=o, forward_consumers=n)
+           for bq, bk, s, o, n in itertools.product((64, 128), (64, 128, 192), (2, 3, 4), (False, True), (2, 3))
+           if not (o and bq > 64) and (n == 2 or (o and head_dim <= 64))]
     tiles = ((64, 64, 64, 64), (128, 64, 64, 128), (64, 64, 64, 128), (128, 64, 64, 64))
     bwd = [base.replace(block_q_dkv=a, block_kv_dkv=b, block_q_dq=c, block_kv_dq=d, num_stages_bwd=s,
                         stagger_bwd=st)

@@ -162,17 +162,19 @@ def _round_up(x: int, multiple: int) -> int:
 class MosaicConfig:
     """Tiling of the Mosaic GPU (Hopper, FlashAttention-3 style) kernels.
 
-    Forward: each of the two consumer warpgroups owns ``block_q`` query rows (a CTA ``2 * block_q``)
-    and streams ``block_kv`` key rows through a ``num_stages`` deep TMA ring. Backward: dK/dV gives
-    each consumer ``block_kv_dkv`` resident key rows and streams ``block_q_dkv`` query rows; dQ
-    gives each consumer ``block_q_dq`` resident query rows and streams ``block_kv_dq`` key rows.
+    Forward: each of the ``forward_consumers`` consumer warpgroups (2, or 3 with ``overlap_softmax``)
+    owns ``block_q`` query rows (a CTA ``forward_consumers * block_q``) and streams ``block_kv`` key
+    rows through a ``num_stages`` deep TMA ring. Backward: dK/dV gives each consumer
+    ``block_kv_dkv`` resident key rows and streams ``block_q_dkv`` query rows; dQ gives each
+    consumer ``block_q_dq`` resident query rows and streams ``block_kv_dq`` key rows.
     wgmma works on 64-row slabs per warpgroup, so every block is a multiple of 64.
 
     ``overlap_softmax`` turns on FlashAttention-3's intra-warpgroup pipelining in the forward
     (section 3.2): each consumer issues the next tile's ``Q K^T`` together with the current ``P V``
     and runs the softmax while ``P V`` is in flight. It keeps a second score tile and a second P in
     registers, so it pays off only where those fit next to the accumulator (64-row consumers,
-    head dim <= 128); elsewhere the registers spill.
+    head dim <= 128); elsewhere the registers spill. Three consumers get 160 registers each instead
+    of 240: enough for 64 x 128 score tiles at head dim 64, not at 128.
 
     ``fuse_dq`` makes the dK/dV kernel also accumulate dQ (FlashAttention-2 Algorithm 2 as written,
     five products per tile pair) instead of a separate dQ kernel that recomputes ``S`` and ``dP``
@@ -199,12 +201,18 @@ class MosaicConfig:
     overlap_softmax: bool = False
     fuse_dq: bool = False
     stagger_bwd: bool = False
+    forward_consumers: int = 2
 
     def __post_init__(self):
         _plain_fields(self, self._check)
+        if self.forward_consumers == 3 and not self.overlap_softmax:
+            # The ping-pong schedule's rendezvous barrier pairs exactly two consumers.
+            raise ValueError("MosaicConfig.forward_consumers=3 needs overlap_softmax=True")
 
     @staticmethod
     def _check(name: str, value):
+        if name == "forward_consumers" and value not in (2, 3):
+            raise ValueError(f"MosaicConfig.forward_consumers must be 2 or 3, got {value}")
         if name.startswith("block_") and (value < 64 or value % 64):
             raise ValueError(f"MosaicConfig.{name} must be a positive multiple of 64, got {value}")
         if name.startswith("num_stages") and value < 2:
@@ -223,7 +231,8 @@ class MosaicConfig:
         # two in all (one consumer with both, or the dV pass with K for each of two consumers).
         resident = 2 if hp <= 128 else 1
         sizes = {
-            "forward": (2 * self.block_q + 2 * self.num_stages * self.block_kv) * hp * dtype_bytes,
+            "forward": ((self.forward_consumers * self.block_q + 2 * self.num_stages * self.block_kv)
+                        * hp * dtype_bytes),
             "dkv": (2 * resident * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * hp * dtype_bytes,
             "dq": (2 * resident * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
         }
@@ -253,17 +262,16 @@ MOSAIC_SMEM_LIMIT = 220 * 1024
 def default_mosaic_config(*, head_dim: int, is_causal: bool = False) -> MosaicConfig:
     """Per-head-dim defaults, from the H100 sweeps in NOTES.md."""
     hp = _round_up(head_dim, 64)
-    # 4x4096x16xH bf16 sweeps (benchmarks/tune.py --impl mosaic): a non-causal head dim 64 wants 128
-    # query rows per consumer (its tiles are cheap, so more rows amortise each K/V tile); causal, the
-    # larger tile wastes more work on the diagonal and 64 rows measured faster (377 vs 356 TFLOP/s).
-    # Head dim 64 is softmax-bound (its products are half as long for as many exponentials): the
-    # intra-warpgroup overlap measured slower there (401 vs 448 TFLOP/s), faster above (NOTES.md).
-    # Its backward streams 128 query rows through the dK/dV kernel and 128 keys through the dQ
-    # kernel (+10% fwd+bwd non-causal, +2-4% causal at 4k and 16k over 64-row tiles), with its two
+    # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
+    # cannot hide one's softmax behind the other's products: three 64-row consumers with the
+    # intra-warpgroup overlap (FA3's head-dim-64 forward) measured +7 to +10% over two 128-row
+    # ping-pong consumers non-causal at 4k and 16k, +0 to +4% causal (NOTES.md, session 8). Its
+    # backward streams 128 query rows through the dK/dV kernel and 128 keys through the dQ kernel
+    # (+10% fwd+bwd non-causal, +2-4% causal at 4k and 16k over 64-row tiles), with its two
     # consumers staggered (+3 to +7% fwd+bwd at 4k and 16k, causal and not, in two runs; at head dim
     # 128 -2 to +2%, so not there: NOTES.md, session 7).
     if hp <= 64:
-        return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2,
+        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True, forward_consumers=3,
                             block_q_dkv=128, block_kv_dq=128, stagger_bwd=True)
     if hp <= 128:
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True)

@@ -18,6 +18,12 @@ issues ``Q K_i^T`` together with ``P_{i-1} V_{i-1}`` in one turn and runs the so
 while ``P_{i-1} V_{i-1}`` is still on the tensor cores; turns then pass on two one-arrival barriers,
 one per consumer, instead of the rendezvous, so neither waits for the other's softmax to end.
 
+``MosaicConfig.forward_consumers = 3`` (with the overlapped schedule) runs three 64-row consumers
+per CTA, FA3's choice for head dim 64: its products are short next to the softmax, so while one
+consumer's products run, two consumers' softmaxes can overlap them; turns go round in order. They
+get 160 registers each. A padded length that does not fill the last CTA leaves consumers idle there,
+passing the ring and the turns on.
+
 Causal masking skips whole K/V tiles past the diagonal; only the tiles that straddle it (and the
 last tile when the key length is not a tile multiple) pay for an iota mask. With causal masking
 the two consumers of a CTA need different numbers of tiles: the one that finishes early keeps
@@ -43,13 +49,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_flash.config import MosaicConfig, MosaicStatics
 
 LOG2_E = math.log2(math.e)
-_COMPUTE_WGS = 2
 # The producer only issues TMA, so it gets setmaxnreg's minimum, 24, and the consumers what that
 # frees: a 384-thread CTA launches with 168 registers per thread, and (24 + 2 * 240) * 128 fits the
 # same 64K. FA3 splits them so too; over 40/232, fwd+bwd measured +0 to +3% on six shapes, the
 # forward -1 to +3% (NOTES.md, session 5).
 _PRODUCER_REGISTERS = 24
 _CONSUMER_REGISTERS = 240
+# With three consumers a 512-thread CTA launches with 128 registers per thread: 24 + 3 * 160 = 4 * 128.
+_CONSUMER_REGISTERS_BY_COUNT = {2: _CONSUMER_REGISTERS, 3: 160}
 
 
 def smem_transforms(dtype):
@@ -236,18 +243,18 @@ def drain(start, stop, stages: int, parts, turn=None):
 
 
 def turns(schedule, wg, *, consumers: int):
-    """Tensor-core turns between two consumer warpgroups (FA3 section 3.1): consumer w waits on
-    ``schedule[w]`` before issuing its products and arrives on the other's once they are issued, so
-    their products reach the tensor cores alternately and one's elementwise work overlaps the
-    other's products. Returns ``(take, hand_over, begin, end)``: ``begin()`` grants consumer 0 the
+    """Tensor-core turns between consumer warpgroups (FA3 section 3.1): consumer w waits on
+    ``schedule[w]`` before issuing its products and arrives on the next one's once they are issued,
+    so their products reach the tensor cores in turn and one's elementwise work overlaps the
+    others' products. Returns ``(take, hand_over, begin, end)``: ``begin()`` grants consumer 0 the
     first turn, ``end()`` takes that extra grant back so every barrier phase is waited on. With one
     consumer all four do nothing."""
     if consumers == 1:
         nothing = lambda: None
         return nothing, nothing, nothing, nothing
     take = lambda: plgpu.barrier_wait(schedule.at[wg])
-    hand_over = lambda: plgpu.barrier_arrive(schedule.at[1 - wg])
-    begin = lambda: pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule.at[0]))
+    hand_over = lambda: plgpu.barrier_arrive(schedule.at[lax.rem(wg + 1, consumers)])
+    begin = lambda: pl.when(wg == consumers - 1)(lambda: plgpu.barrier_arrive(schedule.at[0]))
     end = lambda: pl.when(wg == 0)(lambda: plgpu.barrier_wait(schedule.at[0]))
     return take, hand_over, begin, end
 
@@ -264,7 +271,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     block_q, block_kv, stages = cfg.block_q, cfg.block_kv, statics.forward_stages
     causal = statics.is_causal
     kv_len = statics.kv_len  # true key length; keys past it are zero padding and masked
-    num_q_tiles = statics.q_len_padded // (_COMPUTE_WGS * block_q)
+    consumers = cfg.forward_consumers
+    q_len_padded = statics.q_len_padded
+    num_q_tiles = pl.cdiv(q_len_padded, consumers * block_q)
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
 
@@ -275,10 +284,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         # Causal rows grow with the tile index: launching the longest first trims the last wave.
         tile = num_q_tiles - 1 - tile
     wg = lax.axis_index("wg")
-    cta_q0 = tile * (_COMPUTE_WGS * block_q)
+    cta_q0 = tile * (consumers * block_q)
 
     steps_for = functools.partial(kv_steps, block_q=block_q, block_kv=block_kv, kv_len=kv_len, causal=causal)
-    _, cta_steps = steps_for(cta_q0 + block_q)  # the later consumer sees the most tiles
+    # The last consumer with rows sees the most tiles. With three consumers the padded length need
+    # not fill the last CTA: consumers past it only pass the ring and the turns on.
+    last_q0 = jnp.minimum(cta_q0 + (consumers - 1) * block_q, q_len_padded - block_q)
+    _, cta_steps = steps_for(last_q0)
 
     def mask_scores(s, i, q0):
         """-inf for padded keys and, causal, keys right of the diagonal, in K/V tile ``i``. Not the
@@ -360,12 +372,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     def overlapped(q0, qo_smem, acc, m, l):
         """One tensor-core turn per tile (FA3 Algorithm 2 inside the ping-pong): ``Q K_i^T`` and
         ``P_{i-1} V_{i-1}`` are issued together, then the softmax of tile i runs while
-        ``P_{i-1} V_{i-1}`` is in flight. Turns alternate on two one-arrival barriers (consumer w
-        waits on ``schedule[w]`` and hands over on the other), so a consumer goes on to its softmax
-        as soon as its products are issued. Consumer 1 grants consumer 0 the first turn; consumer 0
-        takes that extra grant back at the end."""
+        ``P_{i-1} V_{i-1}`` is in flight. Turns go round on one-arrival barriers, one per consumer
+        (consumer w waits on ``schedule[w]`` and hands over on the next), so a consumer goes on to
+        its softmax as soon as its products are issued. The last consumer grants consumer 0 the
+        first turn; consumer 0 takes that extra grant back at the end."""
         full_steps, steps = steps_for(q0)
-        take_turn, end_turn, begin, end = turns(schedule, wg, consumers=_COMPUTE_WGS)
+        take_turn, end_turn, begin, end = turns(schedule, wg, consumers=consumers)
         k_tile = lambda slot: (qo_smem, k_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
         may_mask = causal or kv_len % block_kv  # a straddling diagonal or a ragged last tile
 
@@ -414,11 +426,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         end()
         return acc, m, l
 
-    @pl.when(wg < _COMPUTE_WGS)
-    def _consumer():
-        plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+    def idle():
+        """A consumer with no rows (past the padded length): every ring tile and every turn
+        (one per tile and one for the last ``P V``) passes through it untouched."""
+        take_turn, end_turn, begin, end = turns(schedule, wg, consumers=consumers)
+        begin()
+        drain_rest(0, lambda: (take_turn(), end_turn()))
+        take_turn()
+        end_turn()
+        end()
+
+    def work(q0):
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-        q0 = cta_q0 + wg * block_q
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, block_q), head], qo_smem, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
 
@@ -436,7 +455,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q0, block_q)])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _COMPUTE_WGS)
+    @pl.when(wg < consumers)
+    def _consumer():
+        plgpu.set_max_registers(_CONSUMER_REGISTERS_BY_COUNT[consumers], action="increase")
+        q0 = cta_q0 + wg * block_q
+        if consumers == 2:  # the padded length is a multiple of two consumers' rows
+            work(q0)
+        else:
+            pl.when(q0 < q_len_padded)(lambda: work(q0))
+            pl.when(q0 >= q_len_padded)(idle)
+
+    @pl.when(wg == consumers)
     def _producer():
         plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
         kv_head = lax.div(head, jnp.asarray(statics.groups, head.dtype))
@@ -462,25 +491,26 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
     cfg = statics.config
     Tp, Hp = q.shape[1], q.shape[3]
     stages = statics.forward_stages
+    consumers = cfg.forward_consumers
     transforms = smem_transforms(q.dtype)
     scratch = [
-        plgpu.SMEM((_COMPUTE_WGS, cfg.block_q, Hp), q.dtype, transforms=transforms),
+        plgpu.SMEM((consumers, cfg.block_q, Hp), q.dtype, transforms=transforms),
         plgpu.SMEM((stages, cfg.block_kv, Hp), q.dtype, transforms=transforms),
         plgpu.SMEM((stages, cfg.block_kv, Hp), q.dtype, transforms=transforms),
-        plgpu.SMEM((_COMPUTE_WGS, cfg.block_q), jnp.float32),
+        plgpu.SMEM((consumers, cfg.block_q), jnp.float32),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_barriers=consumers),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
         # Ping-pong: one rendezvous barrier; overlapped: one "your turn" barrier per consumer.
-        (plgpu.Barrier(num_barriers=_COMPUTE_WGS) if cfg.overlap_softmax
-         else plgpu.Barrier(num_arrivals=_COMPUTE_WGS)),
+        (plgpu.Barrier(num_barriers=consumers) if cfg.overlap_softmax
+         else plgpu.Barrier(num_arrivals=consumers)),
     ]
     out, lse = launch(
         _forward_kernel, statics=statics,
         out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        scratch=scratch, grid=(N, Tp // (_COMPUTE_WGS * cfg.block_q), B),
-        grid_names=("heads", "q_seq", "batch"), consumers=_COMPUTE_WGS, name="pallas_flash_mosaic_forward",
+        scratch=scratch, grid=(N, -(-Tp // (consumers * cfg.block_q)), B),
+        grid_names=("heads", "q_seq", "batch"), consumers=consumers, name="pallas_flash_mosaic_forward",
     )(q, k, v)
     return out[:, :T, :, :H], lse[:, :, :T]

@@ -40,12 +40,12 @@ CASES = {
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_reference(rng, name):
-    # The schedules as the defaults pick them: the forward overlapped above head dim 64 (the
-    # head-dim-128 and 256 cases), ping-pong alone at 64 and below, where the backward's consumers
-    # are staggered.
-    overlap = CASES[name]["H"] > 64
-    check_case(rng, **CASES[name], config=SMALL.replace(overlap_softmax=overlap, stagger_bwd=not overlap),
-               implementation="mosaic")
+    # The schedules as the defaults pick them: the forward overlapped everywhere, with three
+    # consumers at head dim 64 and below, where the backward's consumers are staggered. Every case
+    # at 64 leaves the last CTA's third consumer (or two) without rows.
+    narrow = CASES[name]["H"] <= 64
+    config = SMALL.replace(overlap_softmax=True, forward_consumers=3 if narrow else 2, stagger_bwd=narrow)
+    check_case(rng, **CASES[name], config=config, implementation="mosaic")
 
 
 def test_three_stages_overlapped_ragged(rng):
@@ -54,11 +54,13 @@ def test_three_stages_overlapped_ragged(rng):
                config=MosaicConfig(block_q=64, block_kv=64, num_stages=3, num_stages_bwd=3, overlap_softmax=True))
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_forward_has_no_races(rng, overlap):
-    """The interpreter's race detector over the producer/consumer/ping-pong protocol."""
+@pytest.mark.parametrize("overlap,consumers", [(False, 2), (True, 2), (True, 3)])
+def test_forward_has_no_races(rng, overlap, consumers):
+    """The interpreter's race detector over the producer/consumer/turn protocols (with three
+    consumers, 128 rows leave the third one idle)."""
     q, k, v, _ = random_inputs(rng, B=1, T=128, S=192, N=1, K=1, H=64, dtype=BF16)
-    statics = MosaicStatics(config=SMALL.replace(overlap_softmax=overlap), scale=0.125, is_causal=True, q_len=128, kv_len=192,
+    config = SMALL.replace(overlap_softmax=overlap, forward_consumers=consumers)
+    statics = MosaicStatics(config=config, scale=0.125, is_causal=True, q_len=128, kv_len=192,
                             head_dim=64, groups=1, interpret=True, detect_races=True)
     out, _ = mosaic_forward(q, k, v, statics=statics)
     want = reference.attention(q.astype(F32), k.astype(F32), v.astype(F32), scale=0.125, is_causal=True)[0]
@@ -212,6 +214,10 @@ def test_rejects_float32_and_bad_configs():
         MosaicConfig(overlap_softmax=1)
     with pytest.raises(ValueError, match="block_q must be an int"):
         MosaicConfig(block_q=True)
+    with pytest.raises(ValueError, match="forward_consumers must be 2 or 3"):
+        MosaicConfig(forward_consumers=4, overlap_softmax=True)
+    with pytest.raises(ValueError, match="forward_consumers=3 needs overlap_softmax"):
+        MosaicConfig(forward_consumers=3)
     with pytest.raises(ValueError, match="takes a MosaicConfig"):
         pallas_flash.dot_product_attention(y, y, y, implementation="mosaic", config=pallas_flash.FlashConfig())
     with pytest.raises(ValueError, match="fuse_dq at head dim 64 needs block_q_dkv"):
@@ -246,13 +252,15 @@ def test_gpu_medium_against_reference(rng, H, K, is_causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("H,block_q", [(64, 64), (64, 128), (128, 64)])
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("H,block_q,overlap,consumers", [
+    (64, 64, False, 2), (64, 64, True, 2), (64, 128, False, 2), (64, 128, True, 2), (128, 64, False, 2),
+    (128, 64, True, 2), (64, 64, True, 3), (128, 64, True, 3)])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_gpu_forward_variants_against_reference(rng, H, block_q, overlap, is_causal):
-    """Both forward schedules at the tilings the defaults and the sweeps use, ragged lengths."""
-    q, k, v, _ = random_inputs(rng, B=2, T=1024 + 33, S=1024 + 33, N=4, K=2, H=H, dtype=BF16)
-    config = MosaicConfig(block_q=block_q, block_kv=128, overlap_softmax=overlap)
+def test_gpu_forward_variants_against_reference(rng, H, block_q, overlap, consumers, is_causal):
+    """Both forward schedules at the tilings the defaults and the sweeps use, ragged lengths (1000
+    rows, padded to 1024: with three 64-row consumers the last CTA has two idle)."""
+    q, k, v, _ = random_inputs(rng, B=2, T=1000, S=1024 + 33, N=4, K=2, H=H, dtype=BF16)
+    config = MosaicConfig(block_q=block_q, block_kv=128, overlap_softmax=overlap, forward_consumers=consumers)
     got = jax.jit(lambda q, k, v: pallas_flash.dot_product_attention(
         q, k, v, is_causal=is_causal, implementation="mosaic", config=config))(q, k, v)
     f32 = lambda x: x.astype(F32)
