@@ -259,20 +259,25 @@ def dq_split(block_q: int, head_dim_padded: int) -> str | None:
 MOSAIC_SMEM_LIMIT = 220 * 1024
 
 
-def default_mosaic_config(*, head_dim: int, is_causal: bool = False) -> MosaicConfig:
-    """Per-head-dim defaults, from the H100 sweeps in NOTES.md."""
+def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None) -> MosaicConfig:
+    """Per-head-dim defaults, from the H100 sweeps in NOTES.md; ``q_len`` (the query length, when
+    known) only matters at head dim 64, where below 4096 rows the forward keeps two consumers."""
     hp = _round_up(head_dim, 64)
     # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
     # cannot hide one's softmax behind the other's products: three 64-row consumers with the
-    # intra-warpgroup overlap (FA3's head-dim-64 forward) measured +7 to +10% over two 128-row
-    # ping-pong consumers non-causal at 4k and 16k, +0 to +4% causal (NOTES.md, session 8). Its
+    # intra-warpgroup overlap (FA3's head-dim-64 forward) measured +7 to +10% non-causal at 4k, 8k
+    # and 16k, +0 to +4% causal, over the two ping-pong consumers below (128 rows each non-causal,
+    # 64 causal); at 2k -1% and -3%, at 1k -9% in both (fewer, longer CTAs; NOTES.md, session 8). Its
     # backward streams 128 query rows through the dK/dV kernel and 128 keys through the dQ kernel
     # (+10% fwd+bwd non-causal, +2-4% causal at 4k and 16k over 64-row tiles), with its two
     # consumers staggered (+3 to +7% fwd+bwd at 4k and 16k, causal and not, in two runs; at head dim
     # 128 -2 to +2%, so not there: NOTES.md, session 7).
     if hp <= 64:
-        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True, forward_consumers=3,
-                            block_q_dkv=128, block_kv_dq=128, stagger_bwd=True)
+        backward = dict(block_q_dkv=128, block_kv_dq=128, stagger_bwd=True)
+        if q_len is None or q_len >= 4096:
+            return MosaicConfig(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True, forward_consumers=3,
+                                **backward)
+        return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2, **backward)
     if hp <= 128:
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
