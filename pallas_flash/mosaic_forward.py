@@ -26,9 +26,9 @@ passing the ring and the turns on.
 
 Causal masking skips whole K/V tiles past the diagonal; only the tiles that straddle it (and the
 last tile when the key length is not a tile multiple) pay for an iota mask. With causal masking
-the two consumers of a CTA need different numbers of tiles: the one that finishes early keeps
-arriving on the consumed and schedule barriers until its partner is done, so neither the producer
-nor the ping-pong ever waits on a warpgroup that has left.
+the consumers of a CTA need different numbers of tiles: one that finishes early keeps arriving
+on the consumed and schedule barriers until the last is done, so neither the producer nor the
+turns ever wait on a warpgroup that has left.
 
 The softmax is in base 2 with ``scale * log2(e)`` folded into one multiply, and the kernel writes
 the base-2 log-sum-exp in the same ``[B, N, T]`` layout as the Triton forward, so either backward
@@ -55,7 +55,7 @@ LOG2_E = math.log2(math.e)
 # forward -1 to +3% (NOTES.md, session 5).
 _PRODUCER_REGISTERS = 24
 _CONSUMER_REGISTERS = 240
-# With three consumers a 512-thread CTA launches with 128 registers per thread: 24 + 3 * 160 = 4 * 128.
+# With three consumers a 512-thread CTA launches with 128 registers per thread: 24 + 3 * 160 <= 4 * 128.
 _CONSUMER_REGISTERS_BY_COUNT = {2: _CONSUMER_REGISTERS, 3: 160}
 
 
