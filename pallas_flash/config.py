@@ -319,6 +319,13 @@ class MosaicStatics:
         return _round_up(self.kv_len, multiple)
 
     @property
+    def forward_ctas(self) -> int:
+        """Forward CTAs per (batch, head) along the queries, ``forward_consumers * block_q`` rows
+        each; with three consumers the last one may hold fewer rows than consumers."""
+        c = self.config
+        return -(-self.q_len_padded // (c.forward_consumers * c.block_q))
+
+    @property
     def forward_stages(self) -> int:
         return min(self.config.num_stages, -(-self.kv_len // self.config.block_kv))
 

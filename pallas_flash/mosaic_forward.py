@@ -273,7 +273,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     kv_len = statics.kv_len  # true key length; keys past it are zero padding and masked
     consumers = cfg.forward_consumers
     q_len_padded = statics.q_len_padded
-    num_q_tiles = pl.cdiv(q_len_padded, consumers * block_q)
+    num_q_tiles = statics.forward_ctas
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
 
@@ -510,7 +510,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
     out, lse = launch(
         _forward_kernel, statics=statics,
         out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        scratch=scratch, grid=(N, -(-Tp // (consumers * cfg.block_q)), B),
+        scratch=scratch, grid=(N, statics.forward_ctas, B),
         grid_names=("heads", "q_seq", "batch"), consumers=consumers, name="pallas_flash_mosaic_forward",
     )(q, k, v)
     return out[:, :T, :, :H], lse[:, :, :T]
