@@ -184,6 +184,10 @@ class MosaicConfig:
     64-row slabs (``block_q_dkv`` a multiple of 128, or ``H`` of 128: `dq_split`). Off by default:
     as built it measured slower than the two kernels (NOTES.md, session 4).
 
+    ``delta_early`` makes the dK/dV kernel load a step's ``delta`` row vector while dP^T is still
+    on the tensor cores, right after P^T, instead of after dP^T's wait: its latency hides, but the
+    vector is live for longer. It measured faster only for long causal head-dim-128 runs.
+
     ``stagger_bwd`` starts the second consumer of each backward kernel half a step behind the first
     (one barrier, once per CTA), so their elementwise work and products alternate from the first
     step instead of colliding until they drift apart. No turns are forced after that: explicit
@@ -202,6 +206,7 @@ class MosaicConfig:
     fuse_dq: bool = False
     stagger_bwd: bool = False
     forward_consumers: int = 2
+    delta_early: bool = False
 
     def __post_init__(self):
         _plain_fields(self, self._check)
@@ -259,9 +264,14 @@ def dq_split(block_q: int, head_dim_padded: int) -> str | None:
 MOSAIC_SMEM_LIMIT = 220 * 1024
 
 
+# Query rows from which the head-dim-128 causal backward loads delta early (`default_mosaic_config`).
+LONG_CAUSAL_ROWS = 16384
+
+
 def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None) -> MosaicConfig:
     """Per-head-dim defaults, from the H100 sweeps in NOTES.md; ``q_len`` (the query length, when
-    known) only matters at head dim 64, where below 4096 rows the forward keeps two consumers."""
+    known) picks the forward's consumers at head dim 64 (two below 4096 rows, three from there) and,
+    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``)."""
     hp = _round_up(head_dim, 64)
     # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
     # cannot hide one's softmax behind the other's products: three 64-row consumers with the
@@ -279,7 +289,12 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
                                 **backward)
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2, **backward)
     if hp <= 128:
-        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True)
+        # The early delta load measured +1.7% and +3.4% fwd+bwd on top of the early lse load at
+        # 1x16384x16x128 causal (two runs), but -2.7% at 4x4096x16x128 causal and -0.1 to -1.8% non-causal
+        # (NOTES.md, session 9): on for long causal runs only.
+        long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
+        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
+                            delta_early=long_causal)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
     return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True)
 

@@ -221,29 +221,38 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             shape = (block_kv, block_q)
             st_smem = (k_smem, q_smem.at[slot].transpose((1, 0)), shape)
 
-            def probabilities(st):
-                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            load_lse = lambda: plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            load_delta = lambda: plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+
+            def probabilities(st, lse):
                 pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, shape, [1]))
                 if masked:
                     # Key k0 + row, query t * block_q + col (padded keys add nothing to any output).
                     pt = jnp.where(_visible(shape, row_offset=k0, col_offset=t(s) * block_q, causal=True,
                                             key_len=None, keys_on_rows=True), pt, 0.0)
-                return pt
+                # `MosaicConfig.delta_early`: delta's load then waits with dP^T, not after it.
+                return (pt, load_delta()) if want_dk and cfg.delta_early else pt
 
             # S^T and dP^T go to the tensor cores back to back and P^T's exponentials run while
             # dP^T is still in flight (+0.3 to 3.3% fwd+bwd, and no spills in the causal kernel where
             # one wait for both spilled 232 bytes: NOTES.md, session 5); then dV and dK together.
+            # lse is loaded while S^T is in flight: the profile had ~11% of the consumers' stall
+            # samples on the FFMA waiting for that load after the wait (head dim 128 fwd+bwd +0.2 to
+            # +2.1% in two runs at four shapes, head dim 64 unchanged: NOTES.md, session 9).
             if want_dk:
                 pt, dpt = mma_first(statics, st_smem, (v_smem, do_smem.at[slot].transpose((1, 0)), shape),
-                                    then=probabilities)
+                                    then=probabilities, early=load_lse)
             else:
                 (st,) = mma(st_smem)
-                pt = probabilities(st)
+                pt = probabilities(st, load_lse())
             if stagger:
                 pl.when((wg == 0) & (s == 0))(lambda: plgpu.barrier_arrive(start))
             products = []
             if want_dk:
-                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                if cfg.delta_early:
+                    pt, delta = pt
+                else:
+                    delta = load_delta()
                 dst = (pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))).astype(dtype)
                 products.append((carry[0], dst, q_smem.at[slot]))
             if want_dv:

@@ -172,19 +172,21 @@ def mma(*products, then=None):
     return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _, _, shape in products))
 
 
-def mma_first(statics: MosaicStatics, first, second, *, then):
+def mma_first(statics: MosaicStatics, first, second, *, then, early=None):
     """Two ``(a_ref, b_ref, shape)`` products, both operands in shared memory, issued back to back;
     the first is waited for alone and handed to ``then`` while the second is still on the tensor
-    cores (FlashAttention-3 section 3.2's overlap, inside one tile). Returns ``(then(first), second)``.
-    """
+    cores (FlashAttention-3 section 3.2's overlap, inside one tile). Returns ``(then(first), second)``,
+    or ``(then(first, early()), second)`` with ``early()`` run before the first wait (a shared-memory
+    load whose latency then hides behind the products)."""
     if statics.interpret:
         a, b = mma(first, second)
-        return then(a), b
+        return (then(a) if early is None else then(a, early())), b
 
     def issue(a_ref, b_ref):
         plgpu.wgmma(a_ref, first[0], first[1])
         plgpu.wgmma(b_ref, second[0], second[1])
-        out = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1))  # the older group only
+        extra = () if early is None else (early(),)
+        out = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1), *extra)  # the older group only
         return out, b_ref[...]
 
     return pl.run_scoped(issue, plgpu.ACC(first[2], jnp.float32), plgpu.ACC(second[2], jnp.float32))

@@ -43,9 +43,11 @@ def test_matches_reference(rng, name):
     # The schedules as the defaults pick them from 4096 rows on: the forward overlapped everywhere,
     # with three consumers at head dim 64 and below, where the backward's consumers are staggered.
     # Every case at 64 leaves the last CTA's third consumer (or two) without rows. (Shorter, head
-    # dim 64 keeps the ping-pong pair: the race and determinism tests below run it.)
+    # dim 64 keeps the ping-pong pair: the race and determinism tests below run it.) Wider heads
+    # load delta early, as long causal runs at head dim 128 do (the three-slot test keeps it off).
     narrow = CASES[name]["H"] <= 64
-    config = SMALL.replace(overlap_softmax=True, forward_consumers=3 if narrow else 2, stagger_bwd=narrow)
+    config = SMALL.replace(overlap_softmax=True, forward_consumers=3 if narrow else 2, stagger_bwd=narrow,
+                           delta_early=not narrow)
     check_case(rng, **CASES[name], config=config, implementation="mosaic")
 
 
@@ -268,6 +270,26 @@ def test_gpu_forward_variants_against_reference(rng, H, block_q, overlap, consum
     want = reference.attention(f32(q), f32(k), f32(v), scale=H ** -0.5, is_causal=is_causal)[0]
     naive = naive_lowp(q, k, v, scale=H ** -0.5, is_causal=is_causal)
     assert rel_err(got, want) <= tolerance(rel_err(naive, want), BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gpu_backward_schedules_agree_bitwise(rng, H, is_causal):
+    """Staggered consumers and the early delta load change when the backward's work runs, not its
+    arithmetic: the gradients equal the plain schedule's bit for bit (ragged, GQA)."""
+    q, k, v, d_out = random_inputs(rng, B=2, T=1000, S=1000 + 200 * (not is_causal), N=4, K=2, H=H, dtype=BF16)
+    plain = pallas_flash.default_mosaic_config(head_dim=H).replace(stagger_bwd=False, delta_early=False)
+
+    def grads(config):
+        loss = lambda q, k, v: jnp.sum((pallas_flash.dot_product_attention(
+            q, k, v, is_causal=is_causal, implementation="mosaic", config=config) * d_out).astype(F32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    want = grads(plain)
+    for changes in ({"stagger_bwd": True}, {"delta_early": True}, {"stagger_bwd": True, "delta_early": True}):
+        for name, g, w in zip("qkv", grads(plain.replace(**changes)), want):
+            assert bool(jnp.array_equal(g, w)), (changes, name)
 
 
 @pytest.mark.gpu
