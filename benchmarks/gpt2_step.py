@@ -3,8 +3,11 @@
     python benchmarks/gpt2_step.py --out gpt2_step.json            # H100: batch 8 x 1024
     python benchmarks/gpt2_step.py --tiny --out /tmp/smoke.json    # CPU smoke test, tiny config
 
-All implementations run in one process from the same initial weights and batch: a warm-up (compile
-plus a few steps), then the median of repeated steps, each timed to ``block_until_ready``.
+All implementations run in one process from the same initial weights and batch: each is compiled and
+warmed up, then timed in interleaved rounds (round r of every implementation before round r + 1 of
+any, as `pallas_flash.timing.interleaved_rounds` does: timed one after another, the first would get
+the coolest card). A round is ``--calls`` steps dispatched back to back, each taking the state the
+previous one returned, and waited on once; the step time is the median over rounds of its mean.
 """
 
 from __future__ import annotations
@@ -28,30 +31,46 @@ from models.train import batches, make_optimizer, make_train_step
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_flash")
 
 
-def time_step(config: GPT2Config, batch, *, warmup: int, iters: int, seed: int) -> dict:
-    model = GPT2(config, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model)
-    del model
-    tx = make_optimizer(6e-4, 1000)
-    opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx)
-    t0 = time.perf_counter()
-    params, opt_state, loss, _ = step(params, opt_state, batch)
-    first_loss = float(loss)
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        params, opt_state, loss, _ = step(params, opt_state, batch)
-    jax.block_until_ready((params, opt_state))
-    times = []
-    for _ in range(iters):
+class StepRunner:
+    """One implementation's model, optimizer state and compiled step, advanced in place by `run`."""
+
+    def __init__(self, config: GPT2Config, batch, *, seed: int):
+        model = GPT2(config, rngs=nnx.Rngs(seed))
+        graphdef, self.params = nnx.split(model)
+        del model
+        tx = make_optimizer(6e-4, 1000)
+        self.opt_state = tx.init(self.params)
+        self.step = make_train_step(graphdef, tx)
+        self.batch = batch
         t0 = time.perf_counter()
-        params, opt_state, loss, _ = step(params, opt_state, batch)
-        jax.block_until_ready((params, opt_state, loss))
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
-    return dict(step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_all=[t * 1e3 for t in times],
-                tokens_per_s=batch.size / step_s, compile_s=compile_s, first_loss=first_loss,
-                last_loss=float(loss))
+        self.run(1)
+        self.first_loss = float(self.loss)
+        self.compile_s = time.perf_counter() - t0
+
+    def run(self, steps: int) -> float:
+        """Seconds per step of ``steps`` steps dispatched back to back and waited on once."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.params, self.opt_state, self.loss, _ = self.step(self.params, self.opt_state, self.batch)
+        jax.block_until_ready((self.params, self.opt_state, self.loss))
+        return (time.perf_counter() - t0) / steps
+
+
+def time_steps(runners: dict[str, StepRunner], *, warmup: int, rounds: int, calls: int) -> dict:
+    for runner in runners.values():
+        runner.run(warmup)
+    per_round = {impl: [] for impl in runners}
+    for _ in range(rounds):
+        for impl, runner in runners.items():
+            per_round[impl].append(runner.run(calls))
+    results = {}
+    for impl, runner in runners.items():
+        step_s = float(np.median(per_round[impl]))
+        results[impl] = dict(step_ms=step_s * 1e3, step_ms_min=min(per_round[impl]) * 1e3,
+                             step_ms_rounds=[t * 1e3 for t in per_round[impl]],
+                             tokens_per_s=runner.batch[:, 1:].size / step_s, compile_s=runner.compile_s,
+                             first_loss=runner.first_loss, last_loss=float(runner.loss))
+    return results
 
 
 def main(argv=None):
@@ -61,8 +80,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--fp32", action="store_true", help="float32 compute instead of bf16")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation after compiling")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (median taken)")
+    p.add_argument("--calls", type=int, default=5, help="steps per round, dispatched back to back")
     p.add_argument("--impl", action="append", choices=IMPLEMENTATIONS,
                    help="repeatable; default: all of " + ", ".join(IMPLEMENTATIONS))
     args = p.parse_args(argv)
@@ -80,7 +100,7 @@ def main(argv=None):
 
     print(f"GPT-2 {'tiny' if args.tiny else 'small'} train step, batch {batch_size} x {seq_len}, "
           f"{jnp.dtype(dtype).name} compute, {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    results = {}
+    results, runners = {}, {}
     for impl in impls:
         attention = impl
         if impl == "pallas_flash" and not on_gpu:
@@ -91,16 +111,21 @@ def main(argv=None):
             continue
         config = preset(attention=attention, dtype=dtype, n_positions=max(seq_len, preset().n_positions))
         try:
-            results[impl] = time_step(config, batch, warmup=args.warmup, iters=args.iters, seed=0)
+            runners[impl] = StepRunner(config, batch, seed=0)
         except Exception as e:  # one failing implementation must not lose the others' numbers
             traceback.print_exc()
             results[impl] = dict(error=f"{type(e).__name__}: {e}")
-        r = results[impl]
-        if "error" in r:
-            print(f"{impl:>14}: FAILED {r['error'][:200]}")
-        else:
-            print(f"{impl:>14}: {r['step_ms']:9.2f} ms/step  {r['tokens_per_s']:12,.0f} tokens/s  "
-                  f"(compile {r['compile_s']:.1f} s, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f})")
+            print(f"{impl:>14}: FAILED {results[impl]['error'][:200]}")
+            continue
+        print(f"{impl:>14}: compiled in {runners[impl].compile_s:.1f} s", flush=True)
+    print(f"timing: {args.warmup} warm-up steps each, then {args.rounds} interleaved rounds of {args.calls} steps",
+          flush=True)
+    results.update(time_steps(runners, warmup=args.warmup, rounds=args.rounds, calls=args.calls))
+    results = {impl: results[impl] for impl in impls}
+    for impl, r in results.items():
+        if "error" not in r:
+            print(f"{impl:>14}: {r['step_ms']:9.2f} ms/step (min {r['step_ms_min']:.2f})  "
+                  f"{r['tokens_per_s']:12,.0f} tokens/s  (loss {r['first_loss']:.4f} -> {r['last_loss']:.4f})")
 
     ok = {k: v for k, v in results.items() if "error" not in v}
     print()
@@ -114,7 +139,7 @@ def main(argv=None):
         print(f"{impl:>14} | {r['step_ms']:10.2f} | {r['tokens_per_s']:12,.0f} | {rel:>7}")
     record = dict(benchmark="gpt2_step", config="tiny" if args.tiny else "small",
                   batch_size=batch_size, seq_len=seq_len, dtype=jnp.dtype(dtype).name,
-                  warmup=args.warmup, iters=args.iters, device=jax.devices()[0].device_kind,
+                  warmup=args.warmup, rounds=args.rounds, calls=args.calls, device=jax.devices()[0].device_kind,
                   backend=jax.default_backend(), jax_version=jax.__version__,
                   python=platform.python_version(), results=results)
     with open(args.out, "w") as f:
