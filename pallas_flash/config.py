@@ -289,9 +289,9 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
                                 **backward)
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2, **backward)
     if hp <= 128:
-        # The early delta load measured +1.7% and +3.4% fwd+bwd on top of the early lse load at
-        # 1x16384x16x128 causal (two runs), but -2.7% at 4x4096x16x128 causal and -0.1 to -1.8% non-causal
-        # (NOTES.md, session 9): on for long causal runs only.
+        # The early delta load measured +1.7 to +5.1% fwd+bwd at 1x16384x16x128 causal (three runs),
+        # but -1.7% at 2x8192x16x128 causal, -2.7% and +0.8% at 4x4096x16x128 causal and -0.1 to
+        # -1.8% non-causal (NOTES.md, session 9): on for long causal runs only.
         long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
                             delta_early=long_causal)
