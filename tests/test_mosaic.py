@@ -351,6 +351,21 @@ def test_autotune_picks_the_fastest_and_caches_it(rng, tmp_path, monkeypatch):
         at.autotune(q, k, v, pass_="bwd")
 
 
+@pytest.mark.parametrize("H", [64, 128, 256])
+def test_autotune_candidates_fit_and_cover_the_schedules(H):
+    from pallas_flash import autotune as at
+    from pallas_flash.config import MOSAIC_SMEM_LIMIT
+
+    fwd, bwd = at.mosaic_candidates(H)
+    assert fwd and bwd and len(set(fwd)) == len(fwd) and len(set(bwd)) == len(bwd)
+    assert all(c.smem_bytes(H)["forward"] <= MOSAIC_SMEM_LIMIT for c in fwd)
+    assert all(max(c.smem_bytes(H)[k] for k in ("dkv", "dq")) <= MOSAIC_SMEM_LIMIT for c in bwd)
+    # Three consumers only where their 160 registers hold the overlapped schedule.
+    assert {c.forward_consumers for c in fwd} == ({2, 3} if H <= 64 else {2})
+    for field in ("stagger_bwd", "delta_early"):
+        assert {getattr(c, field) for c in bwd} == {False, True}, field
+
+
 @pytest.mark.gpu
 def test_gpu_autotune_with_the_real_clock(rng):
     from pallas_flash import autotune as at
