@@ -231,7 +231,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                     pt = jnp.where(_visible(shape, row_offset=k0, col_offset=t(s) * block_q, causal=True,
                                             key_len=None, keys_on_rows=True), pt, 0.0)
                 # `MosaicConfig.delta_early`: delta's load then waits with dP^T, not after it.
-                return (pt, load_delta()) if want_dk and cfg.delta_early else pt
+                return pt, (load_delta() if want_dk and cfg.delta_early else None)
 
             # S^T and dP^T go to the tensor cores back to back and P^T's exponentials run while
             # dP^T is still in flight (+0.3 to 3.3% fwd+bwd, and no spills in the causal kernel where
@@ -240,18 +240,16 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             # samples on the FFMA waiting for that load after the wait (head dim 128 fwd+bwd +0.2 to
             # +2.1% in two runs at four shapes, head dim 64 unchanged: NOTES.md, session 9).
             if want_dk:
-                pt, dpt = mma_first(statics, st_smem, (v_smem, do_smem.at[slot].transpose((1, 0)), shape),
-                                    then=probabilities, early=load_lse)
+                dpt_smem = (v_smem, do_smem.at[slot].transpose((1, 0)), shape)
+                (pt, delta), dpt = mma_first(statics, st_smem, dpt_smem, then=probabilities, early=load_lse)
             else:
                 (st,) = mma(st_smem)
-                pt = probabilities(st, load_lse())
+                pt, _ = probabilities(st, load_lse())
             if stagger:
                 pl.when((wg == 0) & (s == 0))(lambda: plgpu.barrier_arrive(start))
             products = []
             if want_dk:
-                if cfg.delta_early:
-                    pt, delta = pt
-                else:
+                if delta is None:
                     delta = load_delta()
                 dst = (pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))).astype(dtype)
                 products.append((carry[0], dst, q_smem.at[slot]))
