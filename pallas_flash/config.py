@@ -229,16 +229,18 @@ class MosaicConfig:
 
     def smem_bytes(self, head_dim: int, dtype_bytes: int = 2) -> dict[str, int]:
         """Shared memory of each kernel (operand tiles only), to reject configs that cannot launch.
-        Above head dim 128 the backward runs separate dV and dK passes and one consumer in the dK
-        and dQ passes (`mosaic_backward`)."""
+        Above head dim 128 the dK/dV kernel's two consumers share one key block and the dQ kernel
+        runs one consumer (`mosaic_backward`)."""
         hp = _round_up(head_dim, 64)
-        # Two resident tiles (K and V, or Q and dO) per consumer; above head dim 128 the passes hold
-        # two in all (one consumer with both, or the dV pass with K for each of two consumers).
-        resident = 2 if hp <= 128 else 1
+        # Two resident tiles (K and V, or Q and dO) per consumer, two in all above head dim 128,
+        # where the dK/dV kernel also hands P^T over through a tile per ring slot.
+        wide = hp > 128
+        resident = 1 if wide else 2
         sizes = {
             "forward": ((self.forward_consumers * self.block_q + 2 * self.num_stages * self.block_kv)
                         * hp * dtype_bytes),
-            "dkv": (2 * resident * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * hp * dtype_bytes,
+            "dkv": ((2 * resident * self.block_kv_dkv + 2 * self.num_stages_bwd * self.block_q_dkv) * hp * dtype_bytes
+                    + wide * self.num_stages_bwd * self.block_q_dkv * self.block_kv_dkv * dtype_bytes),
             "dq": (2 * resident * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
         }
         if self.fuse_dq and hp <= 128:

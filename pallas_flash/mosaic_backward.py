@@ -14,10 +14,14 @@ All four products per tile run on ``wgmma``: ``S^T = K Q^T`` and ``dP^T = V dO^T
 memory, ``dV += P^T dO`` and ``dK += dS^T Q`` with P and dS straight from registers. Both kernels
 form P while dP's product is still in flight (`mosaic_forward.mma_first`).
 
-Head dims above 128: two 64 x 256 float32 accumulators would need 256 registers per thread, so dV
-and dK take one pass each (the dV pass recomputes S, the dK pass S and dP: five products per tile
-pair instead of four), and the dK and dQ passes, which keep two 64 x 256 tiles resident next to a
-two-slot ring, run one consumer warpgroup per CTA to fit shared memory.
+Head dims above 128 ("split"): two 64 x 256 float32 accumulators would need 256 registers per
+thread, and two consumers' resident tiles next to a two-slot ring would overflow shared memory, so
+the two consumers of a CTA share one block instead of owning one each. In the dK/dV kernel
+consumer 0 forms S^T, P^T and dV, and hands P^T through shared memory to consumer 1, which forms
+dP^T, dS^T and dK: still four products per tile pair, split two and two, where separate dV and dK
+passes took five (+16 to +20% fwd+bwd at head dim 256; NOTES.md, session 10). The dQ kernel keeps
+one consumer per CTA there: its Q and dO tiles next to the K/V ring fill shared memory, and the same
+split of its work (P and dS handed over, dQ's columns halved) measured no faster.
 
 Causal masking skips every tile that lies wholly above the diagonal and masks only those that
 straddle it. The two consumers of a CTA own different rows, so one may skip steps that the other
@@ -43,6 +47,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_flash.config import MosaicStatics, dq_split
 from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, drain, kv_steps,
                                          launch, mma, mma_first, mma_into, produce, smem_transforms)
+
+
+# The dK/dV kernel runs two consumer warpgroups and a producer warpgroup ("wg" 2).
+_CONSUMERS = 2
 
 
 def _dq_slab(statics: MosaicStatics, w):
@@ -120,28 +128,31 @@ def _visible(shape, *, row_offset, col_offset, causal: bool, key_len, keys_on_ro
     return visible
 
 
-def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: MosaicStatics,
-                consumers: int, outputs: str):
-    """``outputs``: "dkdv" (both, one pass), "dv" or "dk" (one pass each, for wide heads), or
-    "dkdv_dq" (both, and dQ added into a fixed-point accumulator, `_fixed_point_dq`)."""
+def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: MosaicStatics, outputs: str):
+    """``outputs``: "dkdv" (each consumer its own key block), "split" (the two consumers share one
+    key block: consumer 0 forms P^T and dV, consumer 1 dP^T and dK from P^T handed over in shared
+    memory), or "dkdv_dq" (as "dkdv", and dQ added into a fixed-point accumulator,
+    `_fixed_point_dq`)."""
     fuse = outputs == "dkdv_dq"
-    want_dk, want_dv = outputs != "dv", outputs != "dk"
+    split = outputs == "split"
     refs = list(refs)
     take = lambda present: refs.pop(0) if present else None
     mult_ref = take(fuse)
     acc_ref = take(fuse and not statics.interpret)
-    dk_ref, dv_ref = take(want_dk), take(want_dv)
+    dk_ref, dv_ref = refs.pop(0), refs.pop(0)
     if fuse and statics.interpret:
         acc_ref = refs.pop(0)
-    k_smem2 = refs.pop(0)
-    v_smem2 = take(want_dk)  # V only enters through dP, which only dK needs
+    k_smem2, v_smem2 = refs.pop(0), refs.pop(0)
     q_smem, do_smem, lse_smem, delta_smem = (refs.pop(0) for _ in range(4))
     mult_smem, ds_smem, stage_smem = take(fuse), take(fuse), take(fuse)
+    pt_smem = take(split)
     kv_ready, tile_ready = refs.pop(0), refs.pop(0)
+    pt_ready = take(split)
     ds_ready, ds_free = take(fuse), take(fuse)
     consumed, start = refs
     cfg = statics.config
-    stagger = cfg.stagger_bwd and outputs == "dkdv" and consumers == 2
+    stagger = cfg.stagger_bwd and outputs == "dkdv"
+    consumers = _CONSUMERS
     block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
     causal, groups = statics.is_causal, statics.groups
     dtype = q_ref.dtype
@@ -152,7 +163,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     kv_head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
     cta = lax.axis_index("kv_seq")
-    cta_k0 = cta * (consumers * block_kv)
+    cta_k0 = cta * (block_kv if split else consumers * block_kv)
     # Causal: query row i sees key j only if j <= i, so rows above this CTA's first key are skipped.
     first_tile = cta_k0 // block_q if causal else 0
     tiles = num_q_tiles - first_tile
@@ -195,25 +206,29 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
 
         return pl.run_scoped(issue, plgpu.ACC((rows.size, cols.size), jnp.float32))
 
-    @pl.when(wg < consumers)
-    def _consumer():
+    def consume(w, *, dk: bool, dv: bool):
+        """Consumer ``w`` (a Python int in the split kernel, else the traced warpgroup index),
+        accumulating dK and/or dV of its ``block_kv`` keys. In the split kernel the dV consumer
+        publishes each step's P^T and the dK consumer takes it instead of forming S^T itself."""
         plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-        k_smem = k_smem2.at[wg]
-        v_smem = v_smem2.at[wg] if want_dk else None
-        k0 = cta_k0 + wg * block_kv
+        takes_pt = split and dk  # P^T from shared memory; no K, no S^T
+        resident = [k_smem2.at[0 if split else w]] * (not takes_pt) + [v_smem2.at[0 if split else w]] * dk
+        k_smem = None if takes_pt else resident[0]
+        v_smem = resident[-1] if dk else None
+        k0 = cta_k0 + (0 if split else w * block_kv)
         rows = (batch, pl.ds(k0, block_kv), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_ready.at[2 * wg])
-        plgpu.barrier_wait(kv_ready.at[2 * wg])
-        if want_dk:
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_ready.at[2 * wg + 1])
-            plgpu.barrier_wait(kv_ready.at[2 * wg + 1])
+        for j, (src, dst) in enumerate(((k_ref, k_smem), (v_ref, v_smem))):
+            ready = kv_ready.at[2 * w + j]
+            if dst is not None:
+                plgpu.copy_gmem_to_smem(src.at[rows], dst, ready)
+                plgpu.barrier_wait(ready)
         if fuse:
             # ds_free completes a phase once both consumers' dQ products of a step are done with
             # both dS^T tiles; this first arrival opens the first step.
             plgpu.barrier_arrive(ds_free)
 
         zeros = jnp.zeros((block_kv, statics.head_dim_padded), jnp.float32)
-        accs = tuple(plgpu.layout_cast(zeros, plgpu.Layout.WGMMA) for _ in range(want_dk + want_dv))
+        accs = tuple(plgpu.layout_cast(zeros, plgpu.Layout.WGMMA) for _ in range(dk + dv))
 
         def step(s, carry, *, t, masked: bool):
             slot = lax.rem(s, stages)
@@ -231,16 +246,25 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                     pt = jnp.where(_visible(shape, row_offset=k0, col_offset=t(s) * block_q, causal=True,
                                             key_len=None, keys_on_rows=True), pt, 0.0)
                 # `MosaicConfig.delta_early`: delta's load then waits with dP^T, not after it.
-                return pt, (load_delta() if want_dk and cfg.delta_early else None)
+                return pt, (load_delta() if dk and cfg.delta_early else None)
 
-            # S^T and dP^T go to the tensor cores back to back and P^T's exponentials run while
-            # dP^T is still in flight (+0.3 to 3.3% fwd+bwd, and no spills in the causal kernel where
-            # one wait for both spilled 232 bytes: NOTES.md, session 5); then dV and dK together.
-            # lse is loaded while S^T is in flight: the profile had ~11% of the consumers' stall
-            # samples on the FFMA waiting for that load after the wait (head dim 128 fwd+bwd +0.2 to
-            # +2.1% in two runs at four shapes, head dim 64 unchanged: NOTES.md, session 9).
-            if want_dk:
-                dpt_smem = (v_smem, do_smem.at[slot].transpose((1, 0)), shape)
+            dpt_smem = (v_smem, do_smem.at[slot].transpose((1, 0)), shape) if dk else None
+            delta = None
+            if takes_pt:
+                # The dV consumer's P^T of this slot, waited for while dP^T is on the tensor cores.
+                # Its slot is free again once this consumer has released the ring slot: the dV
+                # consumer writes it next for the tile the producer loads after that release.
+                delta = load_delta()
+                (dpt,) = mma(dpt_smem, then=lambda: plgpu.barrier_wait(pt_ready.at[slot]))
+                pt = plgpu.load(pt_smem.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            elif dk:
+                # S^T and dP^T go to the tensor cores back to back and P^T's exponentials run while
+                # dP^T is still in flight (+0.3 to 3.3% fwd+bwd, and no spills in the causal kernel
+                # where one wait for both spilled 232 bytes: NOTES.md, session 5); then dV and dK
+                # together. lse is loaded while S^T is in flight: the profile had ~11% of the
+                # consumers' stall samples on the FFMA waiting for that load after the wait (head
+                # dim 128 fwd+bwd +0.2 to +2.1% in two runs at four shapes, head dim 64 unchanged:
+                # NOTES.md, session 9).
                 (pt, delta), dpt = mma_first(statics, st_smem, dpt_smem, then=probabilities, early=load_lse)
             else:
                 (st,) = mma(st_smem)
@@ -248,13 +272,17 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             if stagger:
                 pl.when((wg == 0) & (s == 0))(lambda: plgpu.barrier_arrive(start))
             products = []
-            if want_dk:
+            if dk:
                 if delta is None:
                     delta = load_delta()
                 dst = (pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))).astype(dtype)
                 products.append((carry[0], dst, q_smem.at[slot]))
-            if want_dv:
-                products.append((carry[-1], pt.astype(dtype), do_smem.at[slot]))
+            if dv:
+                pt16 = pt.astype(dtype)
+                if split:
+                    pt_smem.at[slot][...] = pt16
+                    plgpu.barrier_arrive(pt_ready.at[slot])
+                products.append((carry[-1], pt16, do_smem.at[slot]))
 
             def share_ds():
                 # While dV and dK are on the tensor cores: once the partner's dQ product of the
@@ -272,12 +300,12 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             if fuse:
                 plgpu.barrier_wait(ds_ready)
                 head, tile = step_tile(s)
-                for w in range(consumers):
-                    @pl.when(wg == w)
+                for v in range(consumers):
+                    @pl.when(wg == v)
                     def _dq():
-                        part = dq_part(w)
+                        part = dq_part(v)
                         plgpu.barrier_arrive(ds_free)
-                        add_dq(part, mult, w, head, tile)
+                        add_dq(part, mult, v, head, tile)
             return carry
 
         def skip(s):
@@ -315,19 +343,22 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
         if fuse:
             # The partner's last dQ product reads this consumer's K, which dK is about to replace.
             plgpu.barrier_wait(ds_free)
-        # K (and V) are dead now: their tiles carry the results out. dK also needs the scale's
-        # chain rule (S = scale * Q K^T); dV does not.
-        if want_dk:
-            k_smem[...] = (accs[0] * statics.scale).astype(dtype)
-        out_smem = v_smem if want_dk else k_smem
-        if want_dv:
-            out_smem[...] = accs[-1].astype(dtype)
+        # The resident tiles are dead now and carry the results out, in order (K's tile dK, or
+        # dV where K's is the only one). dK also needs the scale's chain rule (S = scale * Q K^T);
+        # dV does not.
+        results = [accs[0] * statics.scale] * dk + [accs[-1]] * dv
+        for tile, result in zip(resident, results):
+            tile[...] = result.astype(dtype)
         plgpu.commit_smem()
-        if want_dk:
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
-        if want_dv:
-            plgpu.copy_smem_to_gmem(out_smem, dv_ref.at[rows])
+        for tile, out_ref in zip(resident, [dk_ref] * dk + [dv_ref] * dv):
+            plgpu.copy_smem_to_gmem(tile, out_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
+
+    if split:
+        pl.when(wg == 0)(lambda: consume(0, dk=False, dv=True))
+        pl.when(wg == 1)(lambda: consume(1, dk=True, dv=False))
+    else:
+        pl.when(wg < consumers)(lambda: consume(wg, dk=True, dv=True))
 
     @pl.when(wg == consumers)
     def _producer():
@@ -340,8 +371,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], ready)
             plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], ready)
             plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], ready)
-            if want_dk:
-                plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], ready)
+            plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], ready)
             if fuse:
                 plgpu.copy_gmem_to_smem(mult_ref.at[batch, head, rows], mult_smem.at[slot], ready)
 
@@ -369,7 +399,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
     cta_q0 = tile * (consumers * block_q)
 
     steps_for = functools.partial(kv_steps, block_q=block_q, block_kv=block_kv, kv_len=kv_len, causal=causal)
-    _, cta_steps = steps_for(cta_q0 + block_q)
+    _, cta_steps = steps_for(cta_q0 + (consumers - 1) * block_q)  # the last consumer's
     stages = min(cfg.num_stages_bwd, num_kv_blocks)
 
     @pl.when(wg < consumers)
@@ -462,9 +492,11 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
     def tiles(count, rows):
         return plgpu.SMEM((count, rows, Hp), q.dtype, transforms=transforms)
 
-    def dkv(outputs: str, consumers: int, *dq_operands):
-        fuse = outputs == "dkdv_dq"
+    def dkv(outputs: str, *dq_operands):
+        fuse, split = outputs == "dkdv_dq", outputs == "split"
+        consumers = _CONSUMERS
         block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
+        keys_per_cta = block_kv if split else consumers * block_kv
         # Fused: the row multipliers' ring, both consumers' dS^T tiles, the staged int32 words.
         fused_scratch = [
             plgpu.SMEM((stages, block_q), jnp.float32),
@@ -472,36 +504,39 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
             plgpu.SMEM((consumers, 2, *(s.size for s in _dq_slab(statics, 0))), jnp.int32,
                        transforms=smem_transforms(jnp.int32)),
         ] if fuse else []
-        out_type = [jax.ShapeDtypeStruct(kp.shape, k.dtype)] * (1 if outputs in ("dk", "dv") else 2)
+        out_type = [jax.ShapeDtypeStruct(kp.shape, k.dtype)] * 2
         if fuse and statics.interpret:
             out_type.append(jax.ShapeDtypeStruct((2, _kv_ctas(statics), *qp.shape), jnp.int32))
         return launch(
-            functools.partial(_dkv_kernel, consumers=consumers, outputs=outputs), statics=statics,
+            functools.partial(_dkv_kernel, outputs=outputs), statics=statics,
             out_type=out_type, zero_outputs=fuse,
             scratch=[
-                *[tiles(consumers, block_kv)] * (1 if outputs == "dv" else 2),
+                *[tiles(1 if split else consumers, block_kv)] * 2,
                 tiles(stages, block_q), tiles(stages, block_q),
                 plgpu.SMEM((stages, block_q), jnp.float32),
                 plgpu.SMEM((stages, block_q), jnp.float32),
                 *fused_scratch,
+                # Split: P^T of each ring slot, from the dV consumer to the dK consumer.
+                *([plgpu.SMEM((stages, block_kv, block_q), q.dtype, transforms=transforms)] if split else []),
                 plgpu.Barrier(num_barriers=2 * consumers),
                 # One barrier per ring slot for all of a step's copies (Q, dO, the row vectors),
                 # each copy one arrival: one wait per step instead of one per copy (here and in the
                 # dQ kernel: fwd+bwd +1 to +4% at 4k and 16k, head dims 64 and 128; NOTES.md,
                 # session 6).
-                plgpu.Barrier(num_arrivals=3 + (outputs != "dv") + fuse, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=4 + fuse, num_barriers=stages),
+                *([plgpu.Barrier(num_barriers=stages)] if split else []),
                 *([plgpu.Barrier(num_arrivals=consumers)] * 2 if fuse else []),
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
                 plgpu.Barrier(),  # consumer 0 to 1: start (`MosaicConfig.stagger_bwd`)
             ],
-            grid=(K, Sp // (consumers * block_kv), B), grid_names=("heads", "kv_seq", "batch"),
+            grid=(K, Sp // keys_per_cta, B), grid_names=("heads", "kv_seq", "batch"),
             consumers=consumers, name=f"pallas_flash_mosaic_{outputs}",
         )(qp, dop, lse, delta, kp, vp, *dq_operands)
 
-    # Up to head dim 128 one pass keeps dK and dV (two 64 x H float32 accumulators) in registers;
-    # at 256 those would be 256 registers per thread, so dV and dK take a pass each, and the dK
-    # and dQ passes (two resident 64 x 256 tiles plus the ring) run one consumer per CTA to fit
-    # shared memory.
+    # Up to head dim 128 each consumer keeps dK and dV (two 64 x H float32 accumulators) in
+    # registers; wider, the dK/dV kernel's consumers split one block's work between them (module
+    # docstring). At head dim 128 splitting (the dQ kernel's work too) measured 0.71x and 0.75x the
+    # fwd+bwd rate, non-causal and causal (NOTES.md, session 10).
     wide = statics.head_dim_padded > 128
     if not wide and cfg.fuse_dq:
         # Integer adds are associative, so the TMA reduce-adds of the CTAs' partial dQ tiles give
@@ -511,18 +546,15 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
         if statics.interpret:
             # The interpreter has no TMA reductions: each K/V CTA writes its own slice of a
             # zero-filled output instead, summed here.
-            dk, dv, words = dkv("dkdv_dq", 2, multipliers_p)
+            dk, dv, words = dkv("dkdv_dq", multipliers_p)
             words = jnp.sum(words, axis=1)
         else:
             words = jax.new_ref(jnp.zeros((2, *qp.shape), jnp.int32))
-            dk, dv = dkv("dkdv_dq", 2, multipliers_p, words)
+            dk, dv = dkv("dkdv_dq", multipliers_p, words)
             words = words[...]
         dq = _fixed_point_dq(words, multipliers, finite, statics=statics, shape=q.shape)
         return dq.astype(q.dtype), dk[:, :S, :, :H], dv[:, :S, :, :H]
-    if wide:
-        (dv,), (dk,) = dkv("dv", 2), dkv("dk", 1)
-    else:
-        dk, dv = dkv("dkdv", 2)
+    dk, dv = dkv("split" if wide else "dkdv")
 
     consumers = 1 if wide else 2
     dq_stages = min(stages, -(-S // cfg.block_kv_dq))
