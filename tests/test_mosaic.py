@@ -40,6 +40,19 @@ CASES = {
 }
 
 
+def assert_gradients_match(grads, q, k, v, d_out, *, is_causal: bool):
+    """bf16 (dq, dk, dv) against the float32 reference's (scale 1/sqrt(H)), within the error of a
+    naive bf16 attention's gradients (`tests.helpers.tolerance`)."""
+    scale = q.shape[-1] ** -0.5
+    oracle = lambda q, k, v: reference.attention(q, k, v, scale=scale, is_causal=is_causal)[0]
+    naive = lambda q, k, v: naive_lowp(q, k, v, scale=scale, is_causal=is_causal)
+    f32 = lambda x: x.astype(F32)
+    want = jax.vjp(oracle, f32(q), f32(k), f32(v))[1](f32(d_out))
+    low = jax.vjp(naive, q, k, v)[1](d_out)
+    for name, g, w, n in zip("qkv", grads, want, low):
+        assert rel_err(g, w) <= tolerance(rel_err(n, w), BF16), name
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_matches_reference(rng, name):
     # The schedules as the defaults pick them from 4096 rows on: the forward overlapped everywhere,
@@ -93,13 +106,7 @@ def test_split_backward_hand_over_has_no_races(rng, capfd):
     grads = jax.block_until_ready(mosaic_backward(q, k, v, out, lse, d_out, statics=make(True)))
     for report in capfd.readouterr().out.split("RACE DETECTED")[1:]:
         assert "_producer.<locals>.load" in report, report
-    oracle = lambda q, k, v: reference.attention(q, k, v, scale=H ** -0.5, is_causal=True)[0]
-    naive = lambda q, k, v: naive_lowp(q, k, v, scale=H ** -0.5, is_causal=True)
-    f32 = lambda x: x.astype(F32)
-    want = jax.vjp(oracle, f32(q), f32(k), f32(v))[1](f32(d_out))
-    low = jax.vjp(naive, q, k, v)[1](d_out)
-    for name, g, w, n in zip("qkv", grads, want, low):
-        assert rel_err(g, w) <= tolerance(rel_err(n, w), BF16), name
+    assert_gradients_match(grads, q, k, v, d_out, is_causal=True)
 
 
 def test_gradients_are_deterministic(rng):
@@ -130,13 +137,7 @@ def test_backward_parts_swap_out_one_kernel_each(rng):
         assert all(not bool(jnp.any(g)) for g in swapped)
         for got, want in zip(kept, whole):
             np.testing.assert_array_equal(np.asarray(got, F32), np.asarray(want, F32))
-    oracle = lambda q, k, v: reference.attention(q, k, v, scale=H ** -0.5, is_causal=True)[0]
-    naive = lambda q, k, v: naive_lowp(q, k, v, scale=H ** -0.5, is_causal=True)
-    f32 = lambda x: x.astype(F32)
-    want = jax.vjp(oracle, f32(q), f32(k), f32(v))[1](f32(d_out))
-    low = jax.vjp(naive, q, k, v)[1](d_out)
-    for name, g, w, n in zip("qkv", full, want, low):
-        assert rel_err(g, w) <= tolerance(rel_err(n, w), BF16), name
+    assert_gradients_match(full, q, k, v, d_out, is_causal=True)
 
 
 def test_backward_parts_main_writes_rows(tmp_path):
@@ -163,18 +164,11 @@ def test_fused_dq_matches_reference(rng, H, block_q_dkv, is_causal):
     to its own slice (the interpreter has no TMA reductions); the GPU test covers the reduce-adds."""
     q, k, v, d_out = random_inputs(rng, B=1, T=130, S=200, N=4, K=2, H=H, dtype=BF16)
     config = SMALL.replace(block_q_dkv=block_q_dkv, fuse_dq=True)
-    scale = H ** -0.5
     kernel = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, is_causal=is_causal,
                                                                 implementation="mosaic", config=config)
-    oracle = lambda q, k, v: reference.attention(q, k, v, scale=scale, is_causal=is_causal)[0]
-    naive = lambda q, k, v: naive_lowp(q, k, v, scale=scale, is_causal=is_causal)
-    f32 = lambda x: x.astype(F32)
     got = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))(q, k, v, d_out)
-    want = jax.vjp(oracle, f32(q), f32(k), f32(v))[1](f32(d_out))
-    low = jax.vjp(naive, q, k, v)[1](d_out)
-    for name, g, w, n in zip("qkv", got, want, low):
-        assert g.dtype == BF16, name
-        assert rel_err(g, w) <= tolerance(rel_err(n, w), BF16), name
+    assert all(g.dtype == BF16 for g in got)
+    assert_gradients_match(got, q, k, v, d_out, is_causal=is_causal)
 
 
 def test_fused_dq_fixed_point_bound_and_decoding(rng):
