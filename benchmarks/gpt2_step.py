@@ -4,10 +4,10 @@
     python benchmarks/gpt2_step.py --tiny --out /tmp/smoke.json    # CPU smoke test, tiny config
 
 All implementations run in one process from the same initial weights and batch: each is compiled and
-warmed up, then timed in interleaved rounds (round r of every implementation before round r + 1 of
-any, as `pallas_flash.timing.interleaved_rounds` does: timed one after another, the first would get
-the coolest card). A round is ``--calls`` steps dispatched back to back, each taking the state the
-previous one returned, and waited on once; the step time is the median over rounds of its mean.
+warmed up, then timed by `pallas_flash.timing.interleaved_rounds` (round r of every implementation
+before round r + 1 of any: timed one after another, the first would get the coolest card). A round
+is ``--calls`` steps dispatched back to back, each taking the state the previous one returned, and
+waited on once; the step time is the median over rounds of its mean.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from flax import nnx
 from models.gpt2 import GPT2, GPT2Config
 from models.tokenizer import load_corpus
 from models.train import batches, make_optimizer, make_train_step
+from pallas_flash.timing import interleaved_rounds
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_flash")
 
 
 class StepRunner:
-    """One implementation's model, optimizer state and compiled step, advanced in place by `run`."""
+    """One implementation's model, optimizer state and compiled step, advanced in place by
+    `advance` (one step, whose outputs the next step takes)."""
 
     def __init__(self, config: GPT2Config, batch, *, seed: int):
         model = GPT2(config, rngs=nnx.Rngs(seed))
@@ -43,26 +45,20 @@ class StepRunner:
         self.step = make_train_step(graphdef, tx)
         self.batch = batch
         t0 = time.perf_counter()
-        self.run(1)
+        jax.block_until_ready(self.advance())
         self.first_loss = float(self.loss)
         self.compile_s = time.perf_counter() - t0
 
-    def run(self, steps: int) -> float:
-        """Seconds per step of ``steps`` steps dispatched back to back and waited on once."""
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.params, self.opt_state, self.loss, _ = self.step(self.params, self.opt_state, self.batch)
-        jax.block_until_ready((self.params, self.opt_state, self.loss))
-        return (time.perf_counter() - t0) / steps
+    def advance(self):
+        """Dispatches one step on the current state; returns the new state, for waiting on."""
+        self.params, self.opt_state, self.loss, _ = self.step(self.params, self.opt_state, self.batch)
+        return self.params, self.opt_state, self.loss
 
 
 def time_steps(runners: dict[str, StepRunner], *, warmup: int, rounds: int, calls: int) -> dict:
-    for runner in runners.values():
-        runner.run(warmup)
-    per_round = {impl: [] for impl in runners}
-    for _ in range(rounds):
-        for impl, runner in runners.items():
-            per_round[impl].append(runner.run(calls))
+    times = interleaved_rounds([(runner.advance, ()) for runner in runners.values()], rounds=rounds,
+                               calls=calls, warmup=warmup)
+    per_round = dict(zip(runners, times))
     results = {}
     for impl, runner in runners.items():
         step_s = float(np.median(per_round[impl]))
