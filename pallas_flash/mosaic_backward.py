@@ -212,10 +212,11 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
         publishes each step's P^T and the dK consumer takes it instead of forming S^T itself."""
         plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
         takes_pt = split and dk  # P^T from shared memory; no K, no S^T
-        resident = [k_smem2.at[0 if split else w]] * (not takes_pt) + [v_smem2.at[0 if split else w]] * dk
-        k_smem = None if takes_pt else resident[0]
-        v_smem = resident[-1] if dk else None
-        k0 = cta_k0 + (0 if split else w * block_kv)
+        own = 0 if split else w  # which consumer's key block
+        k_smem = None if takes_pt else k_smem2.at[own]
+        v_smem = v_smem2.at[own] if dk else None
+        resident = [tile for tile in (k_smem, v_smem) if tile is not None]
+        k0 = cta_k0 + own * block_kv
         rows = (batch, pl.ds(k0, block_kv), kv_head)
         for j, (src, dst) in enumerate(((k_ref, k_smem), (v_ref, v_smem))):
             ready = kv_ready.at[2 * w + j]
@@ -300,12 +301,12 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             if fuse:
                 plgpu.barrier_wait(ds_ready)
                 head, tile = step_tile(s)
-                for v in range(consumers):
-                    @pl.when(wg == v)
+                for peer in range(consumers):
+                    @pl.when(wg == peer)
                     def _dq():
-                        part = dq_part(v)
+                        part = dq_part(peer)
                         plgpu.barrier_arrive(ds_free)
-                        add_dq(part, mult, v, head, tile)
+                        add_dq(part, mult, peer, head, tile)
             return carry
 
         def skip(s):
