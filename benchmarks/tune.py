@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import statistics
@@ -26,6 +27,7 @@ import pallas_flash
 from pallas_flash.timing import interleaved_rounds
 from pallas_flash import FlashConfig, default_config, default_mosaic_config
 from pallas_flash.autotune import mosaic_candidates
+from benchmarks.attention import tokamax_module
 
 
 def attention_flops(B, T, S, N, H, causal, passes) -> float:
@@ -40,6 +42,19 @@ def make_fns(attn):
         return jnp.sum(attn(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
 
     return fwd, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def baseline_fn(impl: str, causal: bool):
+    """``f(q, k, v)`` for a baseline: jax.nn's ``xla`` or ``cudnn``, our ``triton`` kernels, or
+    ``tokamax`` (its Mosaic GPU kernel, asked for by name so a fallback cannot stand in for it)."""
+    if impl == "triton":
+        return functools.partial(pallas_flash.dot_product_attention, is_causal=causal, implementation="triton")
+    if impl == "tokamax":
+        tokamax = tokamax_module()
+        if tokamax is None:
+            raise ValueError("--baseline-impls tokamax: tokamax is not importable (see benchmarks/README.md)")
+        return functools.partial(tokamax.dot_product_attention, is_causal=causal, implementation="mosaic")
+    return functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation=impl)
 
 
 def candidates(head_dim: int, base: FlashConfig):
@@ -65,7 +80,8 @@ def main(argv=None):
     parser.add_argument("--baselines", action="store_true", help="also time jax.nn xla and cudnn")
     parser.add_argument("--sweep", action="store_true", help="time the candidate grid, not only the default")
     parser.add_argument("--baseline-impls", default=None,
-                        help="comma list for --baselines (default: xla,cudnn, plus triton with --impl mosaic)")
+                        help="comma list for --baselines from xla, cudnn, triton, tokamax (default: xla,cudnn, "
+                             "plus triton with --impl mosaic)")
     parser.add_argument("--impl", choices=("triton", "mosaic"), default="triton",
                         help="which Pallas kernels to tune (mosaic: Hopper only)")
     parser.add_argument("--configs", default=None,
@@ -143,9 +159,7 @@ def main(argv=None):
                 continue
             jobs = []
             for impl in impls:
-                attn = jax.nn.dot_product_attention if impl != "triton" else pallas_flash.dot_product_attention
-                fns = make_fns(lambda q, k, v, impl=impl, attn=attn: attn(q, k, v, is_causal=causal, implementation=impl))
-                jobs.append((impl, *pass_fn(pass_name, fns), None))
+                jobs.append((impl, *pass_fn(pass_name, make_fns(baseline_fn(impl, causal))), None))
             for config in configs:
                 fns = make_fns(lambda q, k, v, config=config: pallas_flash.dot_product_attention(
                     q, k, v, is_causal=causal, implementation=args.impl, config=config))
