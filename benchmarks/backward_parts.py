@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from pallas_flash import default_mosaic_config
 from pallas_flash import mosaic_backward as mb
-from pallas_flash.config import MosaicStatics
+from pallas_flash.config import MosaicStatics, splits_backward
 from pallas_flash.mosaic_forward import mosaic_forward
 from pallas_flash.timing import interleaved_rounds
 
@@ -38,7 +38,7 @@ PARTS = ("backward", "dkdv_alone", "dq_alone", "shared")
 
 def skipped_kernels(head_dim: int) -> dict[str, tuple[str, ...]]:
     """Per part, the names `mosaic_backward` gives the launches that part swaps out."""
-    dkv = "pallas_flash_mosaic_" + ("split" if head_dim > 128 else "dkdv")
+    dkv = "pallas_flash_mosaic_" + ("split" if splits_backward(head_dim) else "dkdv")
     dq = "pallas_flash_mosaic_dq"
     return dict(zip(PARTS, ((), (dq,), (dkv,), (dq, dkv))))
 

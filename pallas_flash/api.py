@@ -15,7 +15,7 @@ from jax.typing import ArrayLike
 
 from pallas_flash import reference
 from pallas_flash.config import (FlashConfig, FlashStatics, MOSAIC_SMEM_LIMIT, MosaicConfig, MosaicStatics, dq_split,
-                                 default_config, default_mosaic_config)
+                                 default_config, default_mosaic_config, splits_backward)
 from pallas_flash.flash import flash_attention
 from pallas_flash.masking import MaskSpec
 
@@ -290,7 +290,7 @@ def dot_product_attention(
             mosaic_cfg = config or default_mosaic_config(head_dim=H, is_causal=bool(is_causal), q_len=T)
             mosaic = MosaicStatics(config=mosaic_cfg, scale=float(scale), is_causal=bool(is_causal), q_len=T,
                                    kv_len=S, head_dim=H, groups=N // K, interpret=not _on_gpu())
-            if (mosaic_cfg.fuse_dq and mosaic.head_dim_padded <= 128
+            if (mosaic_cfg.fuse_dq and not splits_backward(H)
                     and dq_split(mosaic_cfg.block_q_dkv, mosaic.head_dim_padded) is None):
                 raise ValueError(f"MosaicConfig.fuse_dq at head dim {H} needs block_q_dkv a multiple of 128 "
                                  f"(two 64-row dQ halves), got {mosaic_cfg.block_q_dkv}")

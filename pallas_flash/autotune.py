@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pallas_flash.config import MOSAIC_SMEM_LIMIT, MosaicConfig, default_mosaic_config
+from pallas_flash.config import MOSAIC_SMEM_LIMIT, MosaicConfig, default_mosaic_config, splits_backward
 from pallas_flash.timing import median_seconds
 
 
@@ -28,8 +28,8 @@ def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[
     """(forward candidates, backward candidates) around ``base``: the forward varies the query rows
     per consumer, the K/V tile, the ring depth, the softmax schedule and (head dim 64) the number
     of consumers; the backward the tiles of both kernels, its ring depth, whether its consumers
-    start staggered and whether the dK/dV kernel loads delta early. Configs over the shared-memory
-    budget are left out."""
+    start staggered and whether the dK/dV kernel loads delta early (where the backward is not split,
+    `config.splits_backward`). Configs over the shared-memory budget are left out."""
     base = base or default_mosaic_config(head_dim=head_dim)
     # The overlapped softmax holds a second score tile: with 128-row consumers it cannot fit. Three
     # consumers need it (`MosaicConfig`), and their 160 registers hold its tiles at head dim 64 only.
@@ -37,9 +37,13 @@ def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[
            for bq, bk, s, o, n in itertools.product((64, 128), (64, 128, 192), (2, 3, 4), (False, True), (2, 3))
            if not (o and bq > 64) and (n == 2 or (o and head_dim <= 64))]
     tiles = ((64, 64, 64, 64), (128, 64, 64, 128), (64, 64, 64, 128), (128, 64, 64, 64))
+    # The split backward (head dims above 128) has no staggered start and loads delta one way only,
+    # so trying both would time the same kernels four times over.
+    schedules = ([(False, False)] if splits_backward(head_dim) else
+                 list(itertools.product((False, True), (False, True))))
     bwd = [base.replace(block_q_dkv=a, block_kv_dkv=b, block_q_dq=c, block_kv_dq=d, num_stages_bwd=s,
                         stagger_bwd=st, delta_early=de)
-           for (a, b, c, d), s, st, de in itertools.product(tiles, (2, 3), (False, True), (False, True))]
+           for (a, b, c, d), s, (st, de) in itertools.product(tiles, (2, 3), schedules)]
     fits = lambda c, kernels: all(c.smem_bytes(head_dim)[k] <= MOSAIC_SMEM_LIMIT for k in kernels)
     return [c for c in fwd if fits(c, ("forward",))], [c for c in bwd if fits(c, ("dkv", "dq"))]
 

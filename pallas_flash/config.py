@@ -232,9 +232,9 @@ class MosaicConfig:
         Above head dim 128 the dK/dV kernel's two consumers share one key block and the dQ kernel
         runs one consumer (`mosaic_backward`)."""
         hp = _round_up(head_dim, 64)
-        # Two resident tiles (K and V, or Q and dO) per consumer, two in all above head dim 128,
-        # where the dK/dV kernel also hands P^T over through a tile per ring slot.
-        wide = hp > 128
+        # Two resident tiles (K and V, or Q and dO) per consumer, two in all when split, where the
+        # dK/dV kernel also hands P^T over through a tile per ring slot.
+        wide = splits_backward(head_dim)
         resident = 1 if wide else 2
         sizes = {
             "forward": ((self.forward_consumers * self.block_q + 2 * self.num_stages * self.block_kv)
@@ -243,7 +243,7 @@ class MosaicConfig:
                     + wide * self.num_stages_bwd * self.block_q_dkv * self.block_kv_dkv * dtype_bytes),
             "dq": (2 * resident * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
         }
-        if self.fuse_dq and hp <= 128:
+        if self.fuse_dq and not wide:
             # Both consumers' dS^T tiles, and the dQ tile's two int32 words staged for the TMA.
             sizes["dkv"] += 2 * self.block_kv_dkv * self.block_q_dkv * dtype_bytes + 2 * self.block_q_dkv * hp * 4
             del sizes["dq"]
@@ -259,6 +259,13 @@ def dq_split(block_q: int, head_dim_padded: int) -> str | None:
     if head_dim_padded % 128 == 0:
         return "cols"
     return None
+
+
+def splits_backward(head_dim: int) -> bool:
+    """Whether the Mosaic backward runs its "split" form at this head dim: above 128 (padded), two
+    64 x H float32 accumulators per consumer no longer fit in registers, so the dK/dV kernel's two
+    consumers share one key block and the dQ kernel runs one consumer (`mosaic_backward`)."""
+    return _round_up(head_dim, 64) > 128
 
 
 # H100 shared memory per CTA (227 KiB) less room for barriers, the log-sum-exp tiles and alignment:

@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.config import MosaicStatics, dq_split
+from pallas_flash.config import MosaicStatics, dq_split, splits_backward
 from pallas_flash.mosaic_forward import (LOG2_E, _CONSUMER_REGISTERS, _PRODUCER_REGISTERS, drain, kv_steps,
                                          launch, mma, mma_first, mma_into, produce, smem_transforms)
 
@@ -538,7 +538,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
     # registers; wider, the dK/dV kernel's consumers split one block's work between them (module
     # docstring). At head dim 128 splitting (the dQ kernel's work too) measured 0.71x and 0.75x the
     # fwd+bwd rate, non-causal and causal (NOTES.md, session 10).
-    wide = statics.head_dim_padded > 128
+    wide = splits_backward(statics.head_dim)
     if not wide and cfg.fuse_dq:
         # Integer adds are associative, so the TMA reduce-adds of the CTAs' partial dQ tiles give
         # the same bits in any order: deterministic, unlike FlashAttention-3's float32 atomics.
