@@ -301,9 +301,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
         cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
         cols = cols + i * block_kv
-        visible = cols < kv_len
+        # Keys past kv_len exist only in a ragged last tile; a causal diagonal tile of a tile-multiple
+        # length needs no such test (+0.1 to +1.9% causal forward at five shapes; NOTES.md, session 11).
+        visible = (cols < kv_len) if kv_len % block_kv else None
         if causal:
-            visible = visible & (cols <= rows + q0)
+            diag = cols <= rows + q0
+            visible = diag if visible is None else visible & diag
         return jnp.where(visible, s, -jnp.inf)
 
     def online_softmax(s, m):
