@@ -95,8 +95,9 @@ def _segment_ids(q_ids, kv_ids, batch: int, T: int, S: int):
     q_ids, kv_ids = jnp.asarray(q_ids), jnp.asarray(kv_ids)
     for name, ids, length in (("query_segment_ids", q_ids, T), ("key_value_segment_ids", kv_ids, S)):
         if ids.shape != (batch, length) or not _fits_int32(ids.dtype):
-            raise ValueError(f"{name} must be an int32 (or narrower integer) array of shape (B, {'T' if length == T else 'S'})"
-                             f" = ({batch}, {length}), got {name}.shape={ids.shape} dtype={ids.dtype}")
+            raise ValueError(f"{name} must be an int32 (or narrower integer) array of shape "
+                             f"(B, {'T' if length == T else 'S'}) = ({batch}, {length}), "
+                             f"got {name}.shape={ids.shape} dtype={ids.dtype}")
     return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
 
 

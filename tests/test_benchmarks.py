@@ -4,6 +4,7 @@ The run is pinned to the tiny smoke shapes with explicit flags, so on a GPU mach
 small instead of starting the full benchmark.
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -34,9 +35,7 @@ def test_smoke_run_writes_json_markdown_and_png(smoke):
     assert "| shape (BxSxN[xK]xH) | causal | pass" in md
     assert "1x64x2x32" in md and "1x128x4x2x32" in md
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         assert results["paths"]["png"] is None
     else:
         png = out_dir / "smoke.png"
