@@ -115,3 +115,24 @@ def test_interleaved_rounds_alternates_cases():
     assert order == ["a", "b"] + ["a", "b", "b"] * 3
     assert [len(times) for times in per_case] == [3, 3]
     assert all(t >= 0 for times in per_case for t in times)
+
+
+def test_tune_baselines_name_their_implementation(monkeypatch):
+    """`benchmarks.tune`'s tokamax baseline asks for tokamax's Mosaic GPU kernel by name (a fallback
+    must not stand in for it) and says clearly when tokamax is missing."""
+    import types
+
+    from benchmarks import tune
+
+    monkeypatch.setattr(tune, "tokamax_module", lambda: None)
+    with pytest.raises(ValueError, match="tokamax is not importable"):
+        tune.baseline_fn("tokamax", causal=True)
+    calls = []
+    fake = types.SimpleNamespace(dot_product_attention=lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(tune, "tokamax_module", lambda: fake)
+    tune.baseline_fn("tokamax", causal=True)("q", "k", "v")
+    assert calls == [dict(is_causal=True, implementation="mosaic")]
+    for impl in ("xla", "cudnn"):
+        fn = tune.baseline_fn(impl, causal=False)
+        assert fn.keywords == dict(is_causal=False, implementation=impl)
+    assert tune.baseline_fn("triton", causal=False).keywords["implementation"] == "triton"
