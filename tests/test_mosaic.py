@@ -265,18 +265,15 @@ def test_gpu_medium_against_reference(rng, H, K, is_causal):
     T = q.shape[1]
     if is_causal:
         k, v = k[:, :T], v[:, :T]
-    scale = H ** -0.5
     f32 = lambda x: x.astype(F32)
     kernel = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, is_causal=is_causal, implementation="mosaic")
-    oracle = lambda q, k, v: reference.attention(q, k, v, scale=scale, is_causal=is_causal)[0]
-    naive = lambda q, k, v: naive_lowp(q, k, v, scale=scale, is_causal=is_causal)
-    want = jax.jit(oracle)(f32(q), f32(k), f32(v))
-    assert rel_err(jax.jit(kernel)(q, k, v), want) <= tolerance(rel_err(jax.jit(naive)(q, k, v), want), BF16)
-    loss = lambda fn: (lambda q, k, v: jnp.sum(f32(fn(q, k, v)) * f32(d_out)))
-    grad = lambda fn, *xs: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(*xs)
-    got, ref, low = grad(kernel, q, k, v), grad(oracle, f32(q), f32(k), f32(v)), grad(naive, q, k, v)
-    for name, g, r, n, again in zip("qkv", got, ref, low, grad(kernel, q, k, v)):
-        assert rel_err(g, r) <= tolerance(rel_err(n, r), BF16), name
+    want = reference.attention(f32(q), f32(k), f32(v), scale=H ** -0.5, is_causal=is_causal)[0]
+    naive = naive_lowp(q, k, v, scale=H ** -0.5, is_causal=is_causal)
+    assert rel_err(jax.jit(kernel)(q, k, v), want) <= tolerance(rel_err(naive, want), BF16)
+    vjp = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))
+    got = vjp(q, k, v, d_out)
+    assert_gradients_match(got, q, k, v, d_out, is_causal=is_causal)
+    for name, g, again in zip("qkv", got, vjp(q, k, v, d_out)):
         assert bool(jnp.array_equal(g, again)), name
 
 
@@ -418,13 +415,8 @@ def test_gpu_fused_dq_against_reference_and_deterministic(rng, H, K, block_q_dkv
     config = MosaicConfig(block_q_dkv=block_q_dkv, fuse_dq=True)
     kernel = lambda q, k, v: pallas_flash.dot_product_attention(
         q, k, v, is_causal=is_causal, implementation="mosaic", config=config)
-    oracle = lambda q, k, v: reference.attention(q, k, v, scale=H ** -0.5, is_causal=is_causal)[0]
-    naive = lambda q, k, v: naive_lowp(q, k, v, scale=H ** -0.5, is_causal=is_causal)
-    f32 = lambda x: x.astype(F32)
-    loss = lambda fn: (lambda q, k, v: jnp.sum(f32(fn(q, k, v)) * f32(d_out)))
-    grad = lambda fn, *xs: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(*xs)
-    got, again = grad(kernel, q, k, v), grad(kernel, q, k, v)
-    ref, low = grad(oracle, f32(q), f32(k), f32(v)), grad(naive, q, k, v)
-    for name, g, r, n, g2 in zip("qkv", got, ref, low, again):
-        assert rel_err(g, r) <= tolerance(rel_err(n, r), BF16), name
+    vjp = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))
+    got, again = vjp(q, k, v, d_out), vjp(q, k, v, d_out)
+    assert_gradients_match(got, q, k, v, d_out, is_causal=is_causal)
+    for g, g2 in zip(got, again):
         np.testing.assert_array_equal(np.asarray(g, F32), np.asarray(g2, F32))
