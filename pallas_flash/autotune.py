@@ -34,7 +34,7 @@ def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[
     # The overlapped softmax holds a second score tile: with 128-row consumers it cannot fit. Three
     # consumers need it (`MosaicConfig`), and their 160 registers hold its tiles at head dim 64 only.
     fwd = [base.replace(block_q=bq, block_kv=bk, num_stages=s, overlap_softmax=o, forward_consumers=n)
-           for bq, bk, s, o, n in itertools.product((64, 128), (64, 128, 192), (2, 3, 4), (False, True), (2, 3))
+           for bq, bk, s, o, n in itertools.product((64, 128), (64, 128, 176, 192), (2, 3, 4), (False, True), (2, 3))
            if not (o and bq > 64) and (n == 2 or (o and head_dim <= 64))]
     tiles = ((64, 64, 64, 64), (128, 64, 64, 128), (64, 64, 64, 128), (128, 64, 64, 64))
     # The split backward (head dims above 128) has no staggered start and loads delta one way only,
@@ -80,7 +80,7 @@ def autotune(q, k, v, *, is_causal: bool = False, pass_: str = "fwdbwd", candida
         return MosaicConfig(**cache[key])
 
     H = q.shape[-1]
-    base = default_mosaic_config(head_dim=H, is_causal=is_causal, q_len=q.shape[1])
+    base = default_mosaic_config(head_dim=H, is_causal=is_causal, q_len=q.shape[1], kv_len=k.shape[1])
     fwd_candidates, bwd_candidates = candidates if candidates is not None else mosaic_candidates(H, base)
     d_out = jnp.ones_like(q)
 

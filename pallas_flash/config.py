@@ -167,7 +167,9 @@ class MosaicConfig:
     rows through a ``num_stages`` deep TMA ring. Backward: dK/dV gives each consumer
     ``block_kv_dkv`` resident key rows and streams ``block_q_dkv`` query rows; dQ gives each
     consumer ``block_q_dq`` resident query rows and streams ``block_kv_dq`` key rows.
-    wgmma works on 64-row slabs per warpgroup, so every block is a multiple of 64.
+    wgmma works on 64-row slabs per warpgroup, so every block is a multiple of 64, except the
+    forward's K/V tile, a multiple of 16 (FlashAttention-3's 176 keys; V then takes a narrower
+    swizzle, `mosaic_forward.v_transforms`).
 
     ``overlap_softmax`` turns on FlashAttention-3's intra-warpgroup pipelining in the forward
     (section 3.2): each consumer issues the next tile's ``Q K^T`` together with the current ``P V``
@@ -218,7 +220,9 @@ class MosaicConfig:
     def _check(name: str, value):
         if name == "forward_consumers" and value not in (2, 3):
             raise ValueError(f"MosaicConfig.forward_consumers must be 2 or 3, got {value}")
-        if name.startswith("block_") and (value < 64 or value % 64):
+        if name == "block_kv" and (value < 64 or value % 16):
+            raise ValueError(f"MosaicConfig.block_kv must be a multiple of 16 and >= 64, got {value}")
+        if name.startswith("block_") and name != "block_kv" and (value < 64 or value % 64):
             raise ValueError(f"MosaicConfig.{name} must be a positive multiple of 64, got {value}")
         if name.startswith("num_stages") and value < 2:
             # One slot could not be refilled while its partner consumer still reads it.
@@ -277,10 +281,27 @@ MOSAIC_SMEM_LIMIT = 220 * 1024
 LONG_CAUSAL_ROWS = 16384
 
 
-def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None) -> MosaicConfig:
+# FlashAttention-3's K/V tile for the non-causal head-dim-128 forward, and the key lengths from which
+# the default takes it (`wide_kv_tile`).
+WIDE_KV_TILE = 176
+WIDE_KV_MIN_KEYS = 1024
+
+
+def wide_kv_tile(*, is_causal: bool, kv_len: int | None) -> bool:
+    """Whether the head-dim-128 forward streams 176-key tiles instead of 128-key ones: fewer, longer
+    steps, non-causal +1 to +6% from 1024 to 16384 keys; at 512 keys -32% (not understood), causal
+    -11 to -33% (the diagonal tiles waste more of a longer tile; NOTES.md, session 13). Only where
+    the remainder can lead without a mask (`mosaic_forward.short_first_tile`: whole 16-key granules)."""
+    return (not is_causal and kv_len is not None and kv_len >= WIDE_KV_MIN_KEYS
+            and kv_len % 16 == 0)
+
+
+def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None,
+                          kv_len: int | None = None) -> MosaicConfig:
     """Per-head-dim defaults, from the H100 sweeps in NOTES.md; ``q_len`` (the query length, when
     known) picks the forward's consumers at head dim 64 (two below 4096 rows, three from there) and,
-    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``)."""
+    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``); ``kv_len`` (the
+    key length) the non-causal head-dim-128 forward's K/V tile (`wide_kv_tile`)."""
     hp = _round_up(head_dim, 64)
     # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
     # cannot hide one's softmax behind the other's products: three 64-row consumers with the
@@ -302,7 +323,8 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
         # but -1.7% at 2x8192x16x128 causal, -2.7% and +0.8% at 4x4096x16x128 causal and -0.1 to
         # -1.8% non-causal (NOTES.md, session 9): on for long causal runs only.
         long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
-        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
+        block_kv = WIDE_KV_TILE if wide_kv_tile(is_causal=is_causal, kv_len=kv_len) else 128
+        return MosaicConfig(block_q=64, block_kv=block_kv, num_stages=2, block_kv_dq=128, overlap_softmax=True,
                             delta_early=long_causal)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
     return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True)
@@ -338,8 +360,10 @@ class MosaicStatics:
 
     @property
     def kv_len_padded(self) -> int:
+        """Keys padded to the backward's tiles. The forward's K/V tile need not divide this: its last
+        tile may reach past the array, where the TMA reads zeros, so a 176-key tile costs no copy."""
         c = self.config
-        multiple = math.lcm(c.block_kv, 2 * c.block_kv_dkv, c.block_kv_dq)
+        multiple = math.lcm(2 * c.block_kv_dkv, c.block_kv_dq)
         return _round_up(self.kv_len, multiple)
 
     @property

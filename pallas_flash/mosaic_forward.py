@@ -25,7 +25,9 @@ get 160 registers each. A padded length that does not fill the last CTA leaves c
 passing the ring and the turns on.
 
 Causal masking skips whole K/V tiles past the diagonal; only the tiles that straddle it (and the
-last tile when the key length is not a tile multiple) pay for an iota mask. With causal masking
+last tile when the key length is not a tile multiple) pay for an iota mask. Non-causal, the
+overlapped schedule instead starts with a short tile of the remainder (`short_first_tile`), so
+FlashAttention-3's 176-key tiles need no mask at 4096 keys. With causal masking
 the consumers of a CTA need different numbers of tiles: one that finishes early keeps arriving
 on the consumed and schedule barriers until the last is done, so neither the producer nor the
 turns ever wait on a warpgroup that has left.
@@ -63,6 +65,16 @@ def smem_transforms(dtype):
     """128-byte swizzled (8, 64)-element tiles: the layout wgmma reads without bank conflicts."""
     swizzle_elems = 128 // jnp.dtype(dtype).itemsize
     return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
+
+
+def v_transforms(dtype, rows: int):
+    """V's tiles: Mosaic GPU contracts P V over whole swizzle tiles, so ``rows`` keys need a
+    swizzle whose width divides them: 128 bytes for 128 keys, 32 for FlashAttention-3's 176."""
+    for swizzle in (128, 64, 32):
+        elems = swizzle // jnp.dtype(dtype).itemsize
+        if rows % elems == 0:
+            return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+    raise ValueError(f"no swizzle fits {rows} keys")
 
 
 def compiler_params():
@@ -192,6 +204,21 @@ def mma_first(statics: MosaicStatics, first, second, *, then, early=None):
     return pl.run_scoped(issue, plgpu.ACC(first[2], jnp.float32), plgpu.ACC(second[2], jnp.float32))
 
 
+def short_first_tile(statics: MosaicStatics) -> int:
+    """Keys in a short first K/V tile of the forward, 0 when there is none. Non-causal, under the
+    overlapped schedule, a key length that ``block_kv`` does not divide puts its remainder first
+    (tile i > 0 starts at ``i * block_kv - (block_kv - rest)``), so every later tile is whole and
+    no logit needs a mask: 176-key tiles then pay at 4096 keys, where a masked ragged last tile
+    lost 2% against 128-key ones (NOTES.md, session 13). The remainder must be whole swizzle tiles
+    of V (`v_transforms`), the granule of its P V contraction."""
+    cfg = statics.config
+    rest = statics.kv_len % cfg.block_kv
+    granule = v_transforms(jnp.bfloat16, cfg.block_kv)[0].tiling[1]
+    if statics.is_causal or not cfg.overlap_softmax or statics.kv_len < cfg.block_kv or rest % granule:
+        return 0
+    return rest
+
+
 def kv_steps(q0, *, block_q: int, block_kv: int, kv_len: int, causal: bool):
     """(K/V tiles with no masked logit, K/V tiles to visit) for query rows [q0, q0 + block_q):
     tiles of pure key padding are never visited, nor, causal, tiles right of the diagonal."""
@@ -276,6 +303,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     consumers = cfg.forward_consumers
     q_len_padded = statics.q_len_padded
     num_q_tiles = statics.forward_ctas
+    first_keys = short_first_tile(statics)
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
 
@@ -386,21 +414,30 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         full_steps, steps = steps_for(q0)
         take_turn, end_turn, begin, end = turns(schedule, wg, consumers=consumers)
         k_tile = lambda slot: (qo_smem, k_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
-        may_mask = causal or kv_len % block_kv  # a straddling diagonal or a ragged last tile
+        # A straddling diagonal or a ragged last tile; with a short first tile every tile is whole.
+        may_mask = causal or (kv_len % block_kv and not first_keys)
+        if first_keys:
+            full_steps = steps
 
         begin()
         plgpu.barrier_wait(k_ready.at[0])
         take_turn()
-        (s,) = mma(k_tile(0), then=end_turn)
+        first = k_tile(0)
+        if first_keys:
+            first = (qo_smem, k_smem.at[0, pl.ds(0, first_keys)].transpose((1, 0)), (block_q, first_keys))
+        (s,) = mma(first, then=end_turn)
         plgpu.barrier_arrive(k_consumed.at[0])
         if may_mask:
             s = mask_scores(s, 0, q0)
         m, _, p = online_softmax(s, m)
         carry = (acc, m, p.sum(axis=1), p.astype(dtype))
 
-        def step(i, carry, *, masked: bool):
+        def step(i, carry, *, masked: bool, after_short: bool = False):
             acc, m, l, p16 = carry
             slot, prev = lax.rem(i, stages), lax.rem(i - 1, stages)
+            v_prev = v_smem.at[prev, pl.ds(0, first_keys)] if after_short else v_smem.at[prev]
+            # The new P leaves `mma_overlapped` through a ref made from the state: a whole tile's shape.
+            p_state = jnp.zeros((block_q, block_kv), dtype) if after_short else p16
 
             def softmax(s, m, l, _):
                 plgpu.barrier_arrive(k_consumed.at[slot])
@@ -412,14 +449,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[prev])
             take_turn()
-            acc, m_new, l, p16 = mma_overlapped(statics, k_tile(slot), (acc, p16, v_smem.at[prev]),
-                                                then=end_turn, softmax=softmax, state=(m, l, p16))
+            acc, m_new, l, p16 = mma_overlapped(statics, k_tile(slot), (acc, p16, v_prev),
+                                                then=end_turn, softmax=softmax, state=(m, l, p_state))
             plgpu.barrier_arrive(v_consumed.at[prev])
             # acc now holds every tile before i relative to m; tile i's P is relative to m_new.
             return rescale(acc, jnp.exp2(m - m_new)), m_new, l, p16
 
         unmasked_end = jnp.maximum(full_steps, 1)
-        carry = lax.fori_loop(1, unmasked_end, functools.partial(step, masked=False), carry)
+        loop_start = 1
+        if first_keys:  # P of the short tile: its own P V shape (kv_len > block_kv, so tile 1 exists)
+            carry = step(1, carry, masked=False, after_short=True)
+            loop_start = 2
+        carry = lax.fori_loop(loop_start, unmasked_end, functools.partial(step, masked=False), carry)
         if may_mask:
             carry = lax.fori_loop(unmasked_end, steps, functools.partial(step, masked=True), carry)
         acc, m, l, p16 = carry
@@ -479,7 +520,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
 
         def load(ref, smem, ready):
             def issue(i, slot):
-                rows = (batch, pl.ds(i * block_kv, block_kv), kv_head)
+                if first_keys and isinstance(i, int) and i == 0:
+                    rows = (batch, pl.ds(0, first_keys), kv_head)
+                    plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot, pl.ds(0, first_keys)], ready.at[slot])
+                    return
+                start = i * block_kv - (block_kv - first_keys) if first_keys else i * block_kv
+                # A ragged last tile may reach past the padded keys: the TMA fills those rows with zeros.
+                rows = (batch, pl.ds(start, block_kv), kv_head)
                 plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], ready.at[slot])
             return issue
 
@@ -496,6 +543,10 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
     B, T, N, H = q.shape
     q, k, v = statics.pad_inputs(q, k, v)
     cfg = statics.config
+    if statics.interpret and k.shape[1] % cfg.block_kv:
+        # The interpreter clamps a slice that runs past the array where the TMA fills zeros.
+        extra = -k.shape[1] % cfg.block_kv
+        k, v = (jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) for x in (k, v))
     Tp, Hp = q.shape[1], q.shape[3]
     stages = statics.forward_stages
     consumers = cfg.forward_consumers
@@ -503,7 +554,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
     scratch = [
         plgpu.SMEM((consumers, cfg.block_q, Hp), q.dtype, transforms=transforms),
         plgpu.SMEM((stages, cfg.block_kv, Hp), q.dtype, transforms=transforms),
-        plgpu.SMEM((stages, cfg.block_kv, Hp), q.dtype, transforms=transforms),
+        plgpu.SMEM((stages, cfg.block_kv, Hp), q.dtype, transforms=v_transforms(q.dtype, cfg.block_kv)),
         plgpu.SMEM((consumers, cfg.block_q), jnp.float32),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),

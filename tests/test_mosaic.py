@@ -72,6 +72,29 @@ def test_three_stages_overlapped_ragged(rng):
                config=MosaicConfig(block_q=64, block_kv=64, num_stages=3, num_stages_bwd=3, overlap_softmax=True))
 
 
+@pytest.mark.parametrize("S,is_causal,first_keys", [(400, False, 48), (650, False, 0), (300, True, 0)])
+def test_wide_kv_tiles(rng, S, is_causal, first_keys):
+    """176-key forward tiles (V in a 32-byte swizzle, `v_transforms`): 400 keys start with a short
+    48-key tile and then one whole one, unmasked; 650 (a remainder of 122, not whole 16-key granules)
+    end with a masked tile that reaches past the padded keys (zeros on the GPU, padded here); causal,
+    the diagonal tiles are masked."""
+    from pallas_flash.mosaic_forward import short_first_tile
+
+    config = SMALL.replace(block_kv=176, overlap_softmax=True)
+    statics = MosaicStatics(config=config, scale=1.0, is_causal=is_causal, q_len=200, kv_len=S, head_dim=64, groups=1)
+    assert short_first_tile(statics) == first_keys
+    check_case(rng, B=1, T=200, S=S, N=2, K=1, H=64, dtype=BF16, is_causal=is_causal, config=config,
+               implementation="mosaic")
+
+
+def test_default_takes_wide_kv_tiles_only_non_causal_at_head_dim_128():
+    wide = lambda **kw: pallas_flash.default_mosaic_config(**kw).block_kv == 176
+    assert wide(head_dim=128, kv_len=4096) and wide(head_dim=96, kv_len=16384)
+    assert not wide(head_dim=128, kv_len=4096, is_causal=True)
+    assert not wide(head_dim=128, kv_len=4100)  # the remainder would need a masked tile
+    assert not wide(head_dim=128) and not wide(head_dim=64, kv_len=4096) and not wide(head_dim=256, kv_len=4096)
+
+
 @pytest.mark.parametrize("overlap,consumers", [(False, 2), (True, 2), (True, 3)])
 def test_forward_has_no_races(rng, overlap, consumers):
     """The interpreter's race detector over the producer/consumer/turn protocols (with three
@@ -233,7 +256,9 @@ def test_rejects_float32_and_bad_configs():
         pallas_flash.dot_product_attention(x, x, x, implementation="mosaic")
     y = x.astype(BF16)
     with pytest.raises(ValueError, match="multiple of 64"):
-        MosaicConfig(block_kv=96)
+        MosaicConfig(block_q=96)
+    with pytest.raises(ValueError, match="block_kv must be a multiple of 16"):
+        MosaicConfig(block_kv=100)
     with pytest.raises(ValueError, match=">= 2"):
         MosaicConfig(num_stages=1)
     with pytest.raises(ValueError, match="overlap_softmax must be a bool"):
@@ -293,6 +318,27 @@ def test_gpu_forward_variants_against_reference(rng, H, block_q, overlap, consum
     want = reference.attention(f32(q), f32(k), f32(v), scale=H ** -0.5, is_causal=is_causal)[0]
     naive = naive_lowp(q, k, v, scale=H ** -0.5, is_causal=is_causal)
     assert rel_err(got, want) <= tolerance(rel_err(naive, want), BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,first_keys", [(2096, 160), (2043, 0)])
+def test_gpu_wide_kv_tiles_against_reference(rng, S, first_keys):
+    """The non-causal head-dim-128 default's 176-key tiles, compiled: 2096 keys lead with a short
+    160-key tile; 2043 end with a masked tile whose last rows the TMA reads past the array as zeros.
+    Gradients too (the backward keeps its own tiles)."""
+    from pallas_flash.mosaic_forward import short_first_tile
+
+    q, k, v, d_out = random_inputs(rng, B=2, T=1000, S=S, N=4, K=2, H=128, dtype=BF16)
+    config = pallas_flash.default_mosaic_config(head_dim=128, q_len=1000, kv_len=2096).replace(block_kv=176)
+    statics = MosaicStatics(config=config, scale=1.0, is_causal=False, q_len=1000, kv_len=S, head_dim=128, groups=2)
+    assert short_first_tile(statics) == first_keys
+    kernel = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, implementation="mosaic", config=config)
+    f32 = lambda x: x.astype(F32)
+    want = reference.attention(f32(q), f32(k), f32(v), scale=128 ** -0.5)[0]
+    naive = naive_lowp(q, k, v, scale=128 ** -0.5)
+    assert rel_err(jax.jit(kernel)(q, k, v), want) <= tolerance(rel_err(naive, want), BF16)
+    grads = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))(q, k, v, d_out)
+    assert_gradients_match(grads, q, k, v, d_out, is_causal=False)
 
 
 @pytest.mark.gpu
