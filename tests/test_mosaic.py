@@ -72,12 +72,12 @@ def test_three_stages_overlapped_ragged(rng):
                config=MosaicConfig(block_q=64, block_kv=64, num_stages=3, num_stages_bwd=3, overlap_softmax=True))
 
 
-@pytest.mark.parametrize("S,is_causal,first_keys", [(400, False, 48), (650, False, 0), (300, True, 0)])
+@pytest.mark.parametrize("S,is_causal,first_keys", [(400, False, 48), (250, False, 0), (300, True, 0)])
 def test_wide_kv_tiles(rng, S, is_causal, first_keys):
     """176-key forward tiles (V in a 32-byte swizzle, `v_transforms`): 400 keys start with a short
-    48-key tile and then one whole one, unmasked; 650 (a remainder of 122, not whole 16-key granules)
-    end with a masked tile that reaches past the padded keys (zeros on the GPU, padded here); causal,
-    the diagonal tiles are masked."""
+    48-key tile and then one whole one, unmasked; 250 (a remainder of 74, not whole 16-key granules)
+    end with a masked tile that reaches past the 256 padded keys (zeros on the GPU, padded here);
+    causal, the diagonal tiles are masked."""
     from pallas_flash.mosaic_forward import short_first_tile
 
     config = SMALL.replace(block_kv=176, overlap_softmax=True)
