@@ -61,19 +61,19 @@ _CONSUMER_REGISTERS = 240
 _CONSUMER_REGISTERS_BY_COUNT = {2: _CONSUMER_REGISTERS, 3: 160}
 
 
-def smem_transforms(dtype):
-    """128-byte swizzled (8, 64)-element tiles: the layout wgmma reads without bank conflicts."""
-    swizzle_elems = 128 // jnp.dtype(dtype).itemsize
-    return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
+def smem_transforms(dtype, swizzle: int = 128):
+    """Swizzled (8, swizzle-bytes)-wide tiles, by default 128 bytes ((8, 64) bf16 elements): the
+    layout wgmma reads without bank conflicts."""
+    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
 
 def v_transforms(dtype, rows: int):
     """V's tiles: Mosaic GPU contracts P V over whole swizzle tiles, so ``rows`` keys need a
     swizzle whose width divides them: 128 bytes for 128 keys, 32 for FlashAttention-3's 176."""
     for swizzle in (128, 64, 32):
-        elems = swizzle // jnp.dtype(dtype).itemsize
-        if rows % elems == 0:
-            return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+        if rows % (swizzle // jnp.dtype(dtype).itemsize) == 0:
+            return smem_transforms(dtype, swizzle)
     raise ValueError(f"no swizzle fits {rows} keys")
 
 
