@@ -544,10 +544,12 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
     q, k, v = statics.pad_inputs(q, k, v)
     cfg = statics.config
     tiles = -(-statics.kv_len // cfg.block_kv)
-    if k.shape[1] < tiles * cfg.block_kv and (statics.interpret or tiles <= statics.forward_stages):
-        # A last tile past the array: the TMA reads zeros there, but the interpreter clamps the
-        # slice, and Pallas rejects one with a static start (a tile of the ring's first fill), so
-        # those take a copy (a short key length).
+    past_array = not short_first_tile(statics) and k.shape[1] < tiles * cfg.block_kv
+    if past_array and (statics.interpret or tiles <= statics.forward_stages):
+        # A last tile past the array (never after a short first tile: the last then ends at the key
+        # length): the TMA reads zeros there, but the interpreter clamps the slice, and Pallas
+        # rejects one with a static start (a tile of the ring's first fill), so those take a copy
+        # (a short key length).
         extra = tiles * cfg.block_kv - k.shape[1]
         k, v = (jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) for x in (k, v))
     Tp, Hp = q.shape[1], q.shape[3]

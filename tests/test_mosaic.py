@@ -40,6 +40,16 @@ CASES = {
 }
 
 
+def assert_output_matches(out, q, k, v, *, is_causal: bool = False):
+    """A bf16 output against the float32 reference's (scale 1/sqrt(H)), within the error of a naive
+    bf16 attention (`tests.helpers.tolerance`)."""
+    scale = q.shape[-1] ** -0.5
+    f32 = lambda x: x.astype(F32)
+    want = reference.attention(f32(q), f32(k), f32(v), scale=scale, is_causal=is_causal)[0]
+    naive = naive_lowp(q, k, v, scale=scale, is_causal=is_causal)
+    assert rel_err(out, want) <= tolerance(rel_err(naive, want), BF16)
+
+
 def assert_gradients_match(grads, q, k, v, d_out, *, is_causal: bool):
     """bf16 (dq, dk, dv) against the float32 reference's (scale 1/sqrt(H)), within the error of a
     naive bf16 attention's gradients (`tests.helpers.tolerance`)."""
@@ -290,11 +300,8 @@ def test_gpu_medium_against_reference(rng, H, K, is_causal):
     T = q.shape[1]
     if is_causal:
         k, v = k[:, :T], v[:, :T]
-    f32 = lambda x: x.astype(F32)
     kernel = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, is_causal=is_causal, implementation="mosaic")
-    want = reference.attention(f32(q), f32(k), f32(v), scale=H ** -0.5, is_causal=is_causal)[0]
-    naive = naive_lowp(q, k, v, scale=H ** -0.5, is_causal=is_causal)
-    assert rel_err(jax.jit(kernel)(q, k, v), want) <= tolerance(rel_err(naive, want), BF16)
+    assert_output_matches(jax.jit(kernel)(q, k, v), q, k, v, is_causal=is_causal)
     vjp = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))
     got = vjp(q, k, v, d_out)
     assert_gradients_match(got, q, k, v, d_out, is_causal=is_causal)
@@ -314,17 +321,15 @@ def test_gpu_forward_variants_against_reference(rng, H, block_q, overlap, consum
     config = MosaicConfig(block_q=block_q, block_kv=128, overlap_softmax=overlap, forward_consumers=consumers)
     got = jax.jit(lambda q, k, v: pallas_flash.dot_product_attention(
         q, k, v, is_causal=is_causal, implementation="mosaic", config=config))(q, k, v)
-    f32 = lambda x: x.astype(F32)
-    want = reference.attention(f32(q), f32(k), f32(v), scale=H ** -0.5, is_causal=is_causal)[0]
-    naive = naive_lowp(q, k, v, scale=H ** -0.5, is_causal=is_causal)
-    assert rel_err(got, want) <= tolerance(rel_err(naive, want), BF16)
+    assert_output_matches(got, q, k, v, is_causal=is_causal)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("S,first_keys", [(2096, 160), (2043, 0)])
+@pytest.mark.parametrize("S,first_keys", [(2096, 160), (2043, 0), (224, 48)])
 def test_gpu_wide_kv_tiles_against_reference(rng, S, first_keys):
     """The non-causal head-dim-128 default's 176-key tiles, compiled: 2096 keys lead with a short
-    160-key tile; 2043 end with a masked tile whose last rows the TMA reads past the array as zeros.
+    160-key tile; 2043 end with a masked tile whose last rows the TMA reads past the array as zeros;
+    224 are a short tile and one whole one, both in the ring's first fill, with no copy of K/V.
     Gradients too (the backward keeps its own tiles)."""
     from pallas_flash.mosaic_forward import short_first_tile
 
@@ -333,10 +338,7 @@ def test_gpu_wide_kv_tiles_against_reference(rng, S, first_keys):
     statics = MosaicStatics(config=config, scale=1.0, is_causal=False, q_len=1000, kv_len=S, head_dim=128, groups=2)
     assert short_first_tile(statics) == first_keys
     kernel = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, implementation="mosaic", config=config)
-    f32 = lambda x: x.astype(F32)
-    want = reference.attention(f32(q), f32(k), f32(v), scale=128 ** -0.5)[0]
-    naive = naive_lowp(q, k, v, scale=128 ** -0.5)
-    assert rel_err(jax.jit(kernel)(q, k, v), want) <= tolerance(rel_err(naive, want), BF16)
+    assert_output_matches(jax.jit(kernel)(q, k, v), q, k, v)
     grads = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))(q, k, v, d_out)
     assert_gradients_match(grads, q, k, v, d_out, is_causal=False)
 
