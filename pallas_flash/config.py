@@ -287,13 +287,24 @@ WIDE_KV_TILE = 176
 WIDE_KV_MIN_KEYS = 1024
 
 
+def v_swizzle(rows: int, itemsize: int = 2) -> int:
+    """Swizzle bytes of a ``rows``-key V tile: Mosaic GPU contracts P V over whole swizzle tiles, so
+    the widest swizzle whose width divides the keys: 128 bytes for 128 keys, 32 for 176
+    (`mosaic_forward.v_transforms`). ``v_swizzle(rows) // itemsize`` keys are the contraction's
+    granule."""
+    for swizzle in (128, 64, 32):
+        if rows % (swizzle // itemsize) == 0:
+            return swizzle
+    raise ValueError(f"no swizzle fits {rows} keys")
+
+
 def wide_kv_tile(*, is_causal: bool, kv_len: int | None) -> bool:
     """Whether the head-dim-128 forward streams 176-key tiles instead of 128-key ones: fewer, longer
     steps, non-causal +1 to +6% from 1024 to 16384 keys; at 512 keys -32% (not understood), causal
     -11 to -33% (the diagonal tiles waste more of a longer tile; NOTES.md, session 13). Only where
-    the remainder can lead without a mask (`mosaic_forward.short_first_tile`: whole 16-key granules)."""
+    the remainder can lead without a mask (`mosaic_forward.short_first_tile`: whole granules)."""
     return (not is_causal and kv_len is not None and kv_len >= WIDE_KV_MIN_KEYS
-            and kv_len % 16 == 0)
+            and kv_len % (v_swizzle(WIDE_KV_TILE) // 2) == 0)
 
 
 def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None,
@@ -374,8 +385,13 @@ class MosaicStatics:
         return -(-self.q_len_padded // (c.forward_consumers * c.block_q))
 
     @property
+    def forward_tiles(self) -> int:
+        """K/V tiles the forward visits per query row block (non-causal)."""
+        return -(-self.kv_len // self.config.block_kv)
+
+    @property
     def forward_stages(self) -> int:
-        return min(self.config.num_stages, -(-self.kv_len // self.config.block_kv))
+        return min(self.config.num_stages, self.forward_tiles)
 
     def pad_inputs(self, q, k, v):
         """Zero-pads ``q [B, T, N, H]`` and ``k, v [B, S, K, H]`` to the padded lengths."""

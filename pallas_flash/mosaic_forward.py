@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.config import MosaicConfig, MosaicStatics
+from pallas_flash.config import MosaicConfig, MosaicStatics, v_swizzle
 
 LOG2_E = math.log2(math.e)
 # The producer only issues TMA, so it gets setmaxnreg's minimum, 24, and the consumers what that
@@ -69,12 +69,8 @@ def smem_transforms(dtype, swizzle: int = 128):
 
 
 def v_transforms(dtype, rows: int):
-    """V's tiles: Mosaic GPU contracts P V over whole swizzle tiles, so ``rows`` keys need a
-    swizzle whose width divides them: 128 bytes for 128 keys, 32 for FlashAttention-3's 176."""
-    for swizzle in (128, 64, 32):
-        if rows % (swizzle // jnp.dtype(dtype).itemsize) == 0:
-            return smem_transforms(dtype, swizzle)
-    raise ValueError(f"no swizzle fits {rows} keys")
+    """V's tiles, in the swizzle `config.v_swizzle` picks for ``rows`` keys."""
+    return smem_transforms(dtype, v_swizzle(rows, jnp.dtype(dtype).itemsize))
 
 
 def compiler_params():
@@ -213,7 +209,7 @@ def short_first_tile(statics: MosaicStatics) -> int:
     of V (`v_transforms`), the granule of its P V contraction."""
     cfg = statics.config
     rest = statics.kv_len % cfg.block_kv
-    granule = v_transforms(jnp.bfloat16, cfg.block_kv)[0].tiling[1]
+    granule = v_swizzle(cfg.block_kv) // 2
     if statics.is_causal or not cfg.overlap_softmax or statics.kv_len < cfg.block_kv or rest % granule:
         return 0
     return rest
@@ -543,7 +539,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
     B, T, N, H = q.shape
     q, k, v = statics.pad_inputs(q, k, v)
     cfg = statics.config
-    tiles = -(-statics.kv_len // cfg.block_kv)
+    tiles = statics.forward_tiles
     past_array = not short_first_tile(statics) and k.shape[1] < tiles * cfg.block_kv
     if past_array and (statics.interpret or tiles <= statics.forward_stages):
         # A last tile past the array (never after a short first tile: the last then ends at the key

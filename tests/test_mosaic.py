@@ -50,6 +50,12 @@ def assert_output_matches(out, q, k, v, *, is_causal: bool = False):
     assert rel_err(out, want) <= tolerance(rel_err(naive, want), BF16)
 
 
+def assert_bitwise_equal(got, want, *, what=""):
+    """Pairs of arrays with the same bits (deterministic kernels, schedules that keep every product)."""
+    for name, a, b in zip("qkv", got, want):
+        np.testing.assert_array_equal(np.asarray(a, F32), np.asarray(b, F32), err_msg=f"{what} d{name}")
+
+
 def assert_gradients_match(grads, q, k, v, d_out, *, is_causal: bool):
     """bf16 (dq, dk, dv) against the float32 reference's (scale 1/sqrt(H)), within the error of a
     naive bf16 attention's gradients (`tests.helpers.tolerance`)."""
@@ -147,8 +153,7 @@ def test_gradients_are_deterministic(rng):
     loss = lambda q, k, v: jnp.sum((pallas_flash.dot_product_attention(
         q, k, v, is_causal=True, implementation="mosaic", config=SMALL) * d_out).astype(F32))
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    for a, b in zip(grad(q, k, v), grad(q, k, v)):
-        np.testing.assert_array_equal(np.asarray(a, F32), np.asarray(b, F32))
+    assert_bitwise_equal(grad(q, k, v), grad(q, k, v))
 
 
 def test_backward_parts_swap_out_one_kernel_each(rng):
@@ -305,8 +310,7 @@ def test_gpu_medium_against_reference(rng, H, K, is_causal):
     vjp = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))
     got = vjp(q, k, v, d_out)
     assert_gradients_match(got, q, k, v, d_out, is_causal=is_causal)
-    for name, g, again in zip("qkv", got, vjp(q, k, v, d_out)):
-        assert bool(jnp.array_equal(g, again)), name
+    assert_bitwise_equal(got, vjp(q, k, v, d_out), what="repeat")
 
 
 @pytest.mark.gpu
@@ -359,8 +363,7 @@ def test_gpu_backward_schedules_agree_bitwise(rng, H, is_causal):
 
     want = grads(plain)
     for changes in ({"stagger_bwd": True}, {"delta_early": True}, {"stagger_bwd": True, "delta_early": True}):
-        for name, g, w in zip("qkv", grads(plain.replace(**changes)), want):
-            assert bool(jnp.array_equal(g, w)), (changes, name)
+        assert_bitwise_equal(grads(plain.replace(**changes)), want, what=str(changes))
 
 
 @pytest.mark.gpu
@@ -466,5 +469,4 @@ def test_gpu_fused_dq_against_reference_and_deterministic(rng, H, K, block_q_dkv
     vjp = jax.jit(lambda q, k, v, d_out: jax.vjp(kernel, q, k, v)[1](d_out))
     got, again = vjp(q, k, v, d_out), vjp(q, k, v, d_out)
     assert_gradients_match(got, q, k, v, d_out, is_causal=is_causal)
-    for g, g2 in zip(got, again):
-        np.testing.assert_array_equal(np.asarray(g, F32), np.asarray(g2, F32))
+    assert_bitwise_equal(got, again, what="repeat")
