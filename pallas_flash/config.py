@@ -287,14 +287,14 @@ WIDE_KV_TILE = 176
 WIDE_KV_MIN_KEYS = 1024
 
 
-def v_swizzle(rows: int, itemsize: int = 2) -> int:
-    """Swizzle bytes of a ``rows``-key V tile: Mosaic GPU contracts P V over whole swizzle tiles, so
-    the widest swizzle whose width divides the keys: 128 bytes for 128 keys, 32 for 176
-    (`mosaic_forward.v_transforms`). ``v_swizzle(rows) // itemsize`` keys are the contraction's
-    granule."""
-    for swizzle in (128, 64, 32):
-        if rows % (swizzle // itemsize) == 0:
-            return swizzle
+def v_granule(rows: int) -> int:
+    """Keys in one swizzle tile of a ``rows``-key V tile (16-bit elements, as the Mosaic kernels
+    take): Mosaic GPU contracts P V over whole swizzle tiles, so V takes the widest swizzle whose
+    width divides its keys: 64 keys (128 bytes) for 128-key tiles, 16 (32 bytes) for 176
+    (`mosaic_forward.v_transforms`). A short first tile must be whole granules too."""
+    for granule in (64, 32, 16):
+        if rows % granule == 0:
+            return granule
     raise ValueError(f"no swizzle fits {rows} keys")
 
 
@@ -304,7 +304,7 @@ def wide_kv_tile(*, is_causal: bool, kv_len: int | None) -> bool:
     -11 to -33% (the diagonal tiles waste more of a longer tile; NOTES.md, session 13). Only where
     the remainder can lead without a mask (`mosaic_forward.short_first_tile`: whole granules)."""
     return (not is_causal and kv_len is not None and kv_len >= WIDE_KV_MIN_KEYS
-            and kv_len % (v_swizzle(WIDE_KV_TILE) // 2) == 0)
+            and kv_len % v_granule(WIDE_KV_TILE) == 0)
 
 
 def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None,

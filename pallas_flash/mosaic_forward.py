@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.config import MosaicConfig, MosaicStatics, v_swizzle
+from pallas_flash.config import MosaicConfig, MosaicStatics, v_granule
 
 LOG2_E = math.log2(math.e)
 # The producer only issues TMA, so it gets setmaxnreg's minimum, 24, and the consumers what that
@@ -69,8 +69,8 @@ def smem_transforms(dtype, swizzle: int = 128):
 
 
 def v_transforms(dtype, rows: int):
-    """V's tiles, in the swizzle `config.v_swizzle` picks for ``rows`` keys."""
-    return smem_transforms(dtype, v_swizzle(rows, jnp.dtype(dtype).itemsize))
+    """V's tiles, in the swizzle `config.v_granule` picks for ``rows`` keys."""
+    return smem_transforms(dtype, v_granule(rows) * jnp.dtype(dtype).itemsize)
 
 
 def compiler_params():
@@ -209,7 +209,7 @@ def short_first_tile(statics: MosaicStatics) -> int:
     of V (`v_transforms`), the granule of its P V contraction."""
     cfg = statics.config
     rest = statics.kv_len % cfg.block_kv
-    granule = v_swizzle(cfg.block_kv) // 2
+    granule = v_granule(cfg.block_kv)
     if statics.is_causal or not cfg.overlap_softmax or statics.kv_len < cfg.block_kv or rest % granule:
         return 0
     return rest

@@ -51,7 +51,8 @@ def assert_output_matches(out, q, k, v, *, is_causal: bool = False):
 
 
 def assert_bitwise_equal(got, want, *, what=""):
-    """Pairs of arrays with the same bits (deterministic kernels, schedules that keep every product)."""
+    """Two (dq, dk, dv) triples with the same bits: deterministic kernels, or schedules that issue the
+    same products in the same order."""
     for name, a, b in zip("qkv", got, want):
         np.testing.assert_array_equal(np.asarray(a, F32), np.asarray(b, F32), err_msg=f"{what} d{name}")
 
