@@ -7,9 +7,10 @@ small instead of starting the full benchmark.
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
-from benchmarks import attention, plot
+from benchmarks import attention, goal, plot
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,47 @@ def test_tune_baselines_name_their_implementation(monkeypatch):
         fn = tune.baseline_fn(impl, causal=False)
         assert fn.keywords == dict(is_causal=False, implementation=impl)
     assert tune.baseline_fn("triton", causal=False).keywords["implementation"] == "triton"
+
+
+def _tune_run(rng, shape, *, baselines, ours, config=None):
+    """A `benchmarks.tune` JSON (one pass, non-causal) with random TFLOP/s: ``baselines`` names,
+    ``ours`` Mosaic repeats. Returns (run, baseline TFLOP/s, Mosaic TFLOP/s)."""
+    base = {name: float(rng.uniform(300, 600)) for name in baselines}
+    mine = [float(rng.uniform(300, 700)) for _ in range(ours)]
+    results = [dict(impl=n, causal=False, passes="fwdbwd", tflops=t, status="ok", config=None) for n, t in base.items()]
+    results += [dict(impl="mosaic", causal=False, passes="fwdbwd", tflops=t, status="ok",
+                     config=config(i) if config else {"block_q": 64}) for i, t in enumerate(mine)]
+    # A failed case and a pass without a baseline are left out, not counted.
+    results += [dict(impl="cudnn", causal=True, passes="fwd", tflops=None, status="unsupported", config=None),
+                dict(impl="mosaic", causal=True, passes="fwd", tflops=500.0, status="ok", config={})]
+    return dict(device="test device", shape=list(shape), results=results), base, mine
+
+
+def test_goal_ratios_against_the_fastest_baseline(tmp_path, capsys):
+    rng = np.random.default_rng()
+    runs = [_tune_run(rng, (1, 4096, 8, 128), baselines=("cudnn", "tokamax"), ours=2),
+            _tune_run(rng, (2, 1024, 4, 64), baselines=("cudnn",), ours=3)]
+    paths = []
+    for i, (run, _, _) in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    png = tmp_path / "goal.png"
+    rows = goal.main([*map(str, paths), "--out", str(png)])
+    assert len(rows) == 2
+    for row, (_, base, mine) in zip(rows, runs):
+        best = max(base.values())
+        assert row["baseline"] == max(base, key=base.get)
+        assert row["low"] == pytest.approx(min(mine) / best) and row["high"] == pytest.approx(max(mine) / best)
+        assert row["met"] == (min(mine) / best >= 1.0) and row["goal"] == 1.0
+    out = capsys.readouterr().out
+    assert f"{sum(r['met'] for r in rows)} of 2 rows meet the goal" in out
+    assert f"| 1×4096×8×128 | no | forward + backward | {rows[0]['baseline']} | {rows[0]['low']:.3f}" in out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_goal_refuses_timings_of_several_configs():
+    run, _, _ = _tune_run(np.random.default_rng(), (1, 512, 2, 64), baselines=("cudnn",), ours=2,
+                          config=lambda i: {"block_q": 64 * (i + 1)})
+    with pytest.raises(ValueError, match="more than one config"):
+        goal.ratios(run)
