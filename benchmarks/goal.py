@@ -16,8 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.plot import PASS_TITLES
+
 GOALS = {"fwd": 1.05, "fwdbwd": 1.0}
-PASS_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward"}
 
 
 def ratios(run: dict) -> list[dict]:
@@ -55,6 +56,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _label(row: dict) -> str:
+    return f"{row['shape']} {'causal' if row['causal'] else 'non-causal'}"
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     """Writes the PNG; False when matplotlib is missing."""
     try:
@@ -65,13 +70,13 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     passes = [p for p in GOALS if any(r["pass_"] == p for r in rows)]
-    labels = list(dict.fromkeys(f"{r['shape']} {'causal' if r['causal'] else 'non-causal'}" for r in rows))
+    labels = list(dict.fromkeys(_label(r) for r in rows))
     fig, axes = plt.subplots(1, len(passes), squeeze=False, sharey=True,
                              figsize=(3.2 + 4.2 * len(passes), 0.42 * len(labels) + 1.6))
     for ax, pass_ in zip(axes[0], passes):
         mine = [r for r in rows if r["pass_"] == pass_]
         for r in mine:
-            y = labels.index(f"{r['shape']} {'causal' if r['causal'] else 'non-causal'}")
+            y = labels.index(_label(r))
             # A bar from the lowest to the highest repeat; a visible sliver when they agree.
             ax.barh(y, max(r["high"] - r["low"], 0.002), left=r["low"], height=0.5,
                     color="tab:green" if r["met"] else "tab:red")
