@@ -94,7 +94,7 @@ def main(argv=None):
     for shape in args.shapes:
         B, S, N, H = map(int, shape.split(","))
         for causal in {"yes": [True], "no": [False], "both": [False, True]}[args.causal]:
-            statics = MosaicStatics(config=default_mosaic_config(head_dim=H, is_causal=causal, q_len=S, kv_len=S),
+            statics = MosaicStatics(config=default_mosaic_config(head_dim=H, is_causal=causal, q_len=S),
                                     scale=H ** -0.5, is_causal=causal, q_len=S, kv_len=S, head_dim=H, groups=1,
                                     interpret=interpret)
             keys = jax.random.split(jax.random.key(0), 4)

@@ -102,7 +102,7 @@ def main(argv=None):
     causal_values = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     passes = args.passes.split(",")
     if args.impl == "mosaic":
-        default = lambda causal: default_mosaic_config(head_dim=H, is_causal=causal, q_len=S, kv_len=S)
+        default = lambda causal: default_mosaic_config(head_dim=H, is_causal=causal, q_len=S)
         grid = mosaic_candidates
     else:
         default = lambda causal: default_config(q_len=S, kv_len=S, head_dim=H, dtype_bytes=dtype.itemsize)

@@ -288,7 +288,7 @@ def dot_product_attention(
                   default_config(q_len=T, kv_len=S, head_dim=H, dtype_bytes=q.dtype.itemsize))
         mosaic = None
         if implementation == "mosaic":
-            mosaic_cfg = config or default_mosaic_config(head_dim=H, is_causal=bool(is_causal), q_len=T, kv_len=S)
+            mosaic_cfg = config or default_mosaic_config(head_dim=H, is_causal=bool(is_causal), q_len=T)
             mosaic = MosaicStatics(config=mosaic_cfg, scale=float(scale), is_causal=bool(is_causal), q_len=T,
                                    kv_len=S, head_dim=H, groups=N // K, interpret=not _on_gpu())
             if (mosaic_cfg.fuse_dq and not splits_backward(H)

@@ -80,7 +80,7 @@ def autotune(q, k, v, *, is_causal: bool = False, pass_: str = "fwdbwd", candida
         return MosaicConfig(**cache[key])
 
     H = q.shape[-1]
-    base = default_mosaic_config(head_dim=H, is_causal=is_causal, q_len=q.shape[1], kv_len=k.shape[1])
+    base = default_mosaic_config(head_dim=H, is_causal=is_causal, q_len=q.shape[1])
     fwd_candidates, bwd_candidates = candidates if candidates is not None else mosaic_candidates(H, base)
     d_out = jnp.ones_like(q)
 

@@ -190,6 +190,13 @@ class MosaicConfig:
     on the tensor cores, right after P^T, instead of after dP^T's wait: its latency hides, but the
     vector is live for longer. It measured faster only for long causal head-dim-128 runs.
 
+    ``stale_max`` (with ``overlap_softmax``) drops the forward's per-tile row max: a tile's P is taken
+    relative to the running max of the earlier tiles, and only a warp one of whose rows sums past
+    `mosaic_forward.STALE_ROW_SUM_LIMIT` moves its max up, from P (FlashAttention-4's conditional
+    rescaling taken one step further: no max at all on the common path). A row whose logits jump
+    2^128 past its max (P overflows) sends its CTA through an exact second pass. The results are
+    those of the exact softmax up to rounding, not bit for bit.
+
     ``stagger_bwd`` starts the second consumer of each backward kernel half a step behind the first
     (one barrier, once per CTA), so their elementwise work and products alternate from the first
     step instead of colliding until they drift apart. No turns are forced after that: explicit
@@ -209,6 +216,7 @@ class MosaicConfig:
     stagger_bwd: bool = False
     forward_consumers: int = 2
     delta_early: bool = False
+    stale_max: bool = False
 
     def __post_init__(self):
         _plain_fields(self, self._check)
@@ -281,12 +289,6 @@ MOSAIC_SMEM_LIMIT = 220 * 1024
 LONG_CAUSAL_ROWS = 16384
 
 
-# FlashAttention-3's K/V tile for the non-causal head-dim-128 forward, and the key lengths from which
-# the default takes it (`wide_kv_tile`).
-WIDE_KV_TILE = 176
-WIDE_KV_MIN_KEYS = 1024
-
-
 def v_granule(rows: int) -> int:
     """Keys in one swizzle tile of a ``rows``-key V tile (16-bit elements, as the Mosaic kernels
     take): Mosaic GPU contracts P V over whole swizzle tiles, so V takes the widest swizzle whose
@@ -298,21 +300,13 @@ def v_granule(rows: int) -> int:
     raise ValueError(f"no swizzle fits {rows} keys")
 
 
-def wide_kv_tile(*, is_causal: bool, kv_len: int | None) -> bool:
-    """Whether the head-dim-128 forward streams 176-key tiles instead of 128-key ones: fewer, longer
-    steps, non-causal +1 to +6% from 1024 to 16384 keys; at 512 keys -32% (not understood), causal
-    -11 to -33% (the diagonal tiles waste more of a longer tile; NOTES.md, session 13). Only where
-    the remainder can lead without a mask (`mosaic_forward.short_first_tile`: whole granules)."""
-    return (not is_causal and kv_len is not None and kv_len >= WIDE_KV_MIN_KEYS
-            and kv_len % v_granule(WIDE_KV_TILE) == 0)
-
-
-def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None,
-                          kv_len: int | None = None) -> MosaicConfig:
+def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None) -> MosaicConfig:
     """Per-head-dim defaults, from the H100 sweeps in NOTES.md; ``q_len`` (the query length, when
     known) picks the forward's consumers at head dim 64 (two below 4096 rows, three from there) and,
-    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``); ``kv_len`` (the
-    key length) the non-causal head-dim-128 forward's K/V tile (`wide_kv_tile`)."""
+    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``). Every overlapped
+    forward keeps a stale maximum (`MosaicConfig.stale_max`): +10 to +12% causal and +4 to +5%
+    non-causal at head dim 128 (over 176-key tiles without it; 128-key tiles are then the faster
+    ones), +6 to +7% at head dim 64 (NOTES.md, session 17)."""
     hp = _round_up(head_dim, 64)
     # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
     # cannot hide one's softmax behind the other's products: three 64-row consumers with the
@@ -327,18 +321,17 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
         backward = dict(block_q_dkv=128, block_kv_dq=128, stagger_bwd=True)
         if q_len is None or q_len >= 4096:
             return MosaicConfig(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True, forward_consumers=3,
-                                **backward)
+                                stale_max=True, **backward)
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2, **backward)
     if hp <= 128:
         # The early delta load measured +1.7 to +5.1% fwd+bwd at 1x16384x16x128 causal (three runs),
         # but -1.7% at 2x8192x16x128 causal, -2.7% and +0.8% at 4x4096x16x128 causal and -0.1 to
         # -1.8% non-causal (NOTES.md, session 9): on for long causal runs only.
         long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
-        block_kv = WIDE_KV_TILE if wide_kv_tile(is_causal=is_causal, kv_len=kv_len) else 128
-        return MosaicConfig(block_q=64, block_kv=block_kv, num_stages=2, block_kv_dq=128, overlap_softmax=True,
-                            delta_early=long_causal)
+        return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
+                            stale_max=True, delta_early=long_causal)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
-    return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True)
+    return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True, stale_max=True)
 
 
 @dataclasses.dataclass(frozen=True)

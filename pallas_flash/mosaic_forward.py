@@ -47,6 +47,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.experimental.mosaic.gpu as mgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, nvvm, vector
 
 from pallas_flash.config import MosaicConfig, MosaicStatics, v_granule
 
@@ -103,6 +106,36 @@ def launch(body, *, statics: MosaicStatics, out_type, scratch, grid, grid_names,
         interpret=interpret_params(statics, zero_outputs=zero_outputs),
         kernel_name=name,
     )
+
+
+# `MosaicConfig.stale_max`: a tile's P, taken relative to the running max of earlier tiles, keeps that
+# max while every row sums to at most this (so no P exceeds it: bf16 and float32 hold such P exactly
+# as well as P <= 1).
+STALE_ROW_SUM_LIMIT = 2.0 ** 8
+
+
+def warp_any(flags, *, interpret: bool):
+    """int32 1 if any row of ``flags`` (an int32 row vector in the WGMMA layout, 0 or 1) held by this
+    thread's warp is set, else 0: a warp-uniform branch condition, since each warp owns 16 whole
+    rows of the layout. A per-warp vote (`vote.sync.any`) needs no shared memory, unlike a reduction
+    over the whole warpgroup. The interpreter runs one thread per warpgroup: there it is the max over
+    all rows."""
+    if interpret:
+        return jnp.max(flags)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA.reduce(1),),
+                       return_type=plgpu.ShapeDtypeStruct((), jnp.int32, plgpu.Layout.WG_SPLAT))
+    def vote(_, flags):
+        i32 = ir.IntegerType.get_signless(32)
+        held = None
+        for reg in flags.registers.flat:  # this thread's rows, as 1-element vectors
+            reg = vector.reduction(i32, vector.CombiningKind.MAXSI, reg)
+            held = reg if held is None else arith.maxsi(held, reg)
+        pred = arith.cmpi(arith.CmpIPredicate.ne, held, arith.constant(i32, 0))
+        anyone = nvvm.vote_sync(arith.constant(i32, -1), pred, nvvm.VoteSyncKind.any)
+        return mgpu.FragmentedArray.splat(arith.extui(i32, anyone), (), is_signed=True)
+
+    return vote(flags)
 
 
 def mma_into(statics: MosaicStatics, *products, then=None):
@@ -289,8 +322,8 @@ def _schedule_sync(barrier):
     plgpu.barrier_wait(barrier)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
-                    k_ready, v_ready, q_ready, k_consumed, v_consumed, schedule, *,
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, lost_smem,
+                    k_ready, v_ready, q_ready, k_consumed, v_consumed, schedule, lost_shared, *,
                     statics: MosaicStatics):
     cfg: MosaicConfig = statics.config
     block_q, block_kv, stages = cfg.block_q, cfg.block_kv, statics.forward_stages
@@ -400,13 +433,37 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         pl.when(wg == 0)(lambda: _schedule_sync(schedule))
         return carry
 
-    def overlapped(q0, qo_smem, acc, m, l):
+    def stale_softmax(s, m, l, lost):
+        """`MosaicConfig.stale_max`: P relative to ``m``, the running max of the earlier tiles, with
+        no row max. A warp keeps ``m`` unless one of its rows sums past `STALE_ROW_SUM_LIMIT`; then
+        its rows move up by log2 of their largest P (at least 1) and P and l shrink by its
+        reciprocal, all from P, as S's registers now hold P. A logit 2^128 past ``m`` has
+        overflowed P to inf, which P cannot recover: such rows are flagged in ``lost``."""
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m, s.shape, [0]))
+        row_sum = p.sum(axis=1)
+
+        def keep():
+            return m, l + row_sum, lost, p.astype(dtype)
+
+        def move_up():
+            p_max = jnp.maximum(p.max(axis=1), 1.0)
+            inv = 1.0 / p_max
+            p_new = p * lax.broadcast_in_dim(inv, p.shape, [0])
+            lost_new = jnp.maximum(lost, (p_max == jnp.inf).astype(jnp.int32))
+            return m + jnp.log2(p_max), l * inv + p_new.sum(axis=1), lost_new, p_new.astype(dtype)
+
+        grew = warp_any((row_sum > STALE_ROW_SUM_LIMIT).astype(jnp.int32), interpret=statics.interpret)
+        return lax.switch(grew, [keep, move_up])
+
+    def overlapped(q0, qo_smem, acc, m, l, *, stale: bool):
         """One tensor-core turn per tile (FA3 Algorithm 2 inside the ping-pong): ``Q K_i^T`` and
         ``P_{i-1} V_{i-1}`` are issued together, then the softmax of tile i runs while
         ``P_{i-1} V_{i-1}`` is in flight. Turns go round on one-arrival barriers, one per consumer
         (consumer w waits on ``schedule[w]`` and hands over on the next), so a consumer goes on to
         its softmax as soon as its products are issued. The last consumer grants consumer 0 the
-        first turn; consumer 0 takes that extra grant back at the end."""
+        first turn; consumer 0 takes that extra grant back at the end. Returns ``(acc, m, l,
+        lost)``: ``lost`` flags the rows a ``stale`` softmax could not keep exact
+        (`stale_softmax`); zero without it."""
         full_steps, steps = steps_for(q0)
         take_turn, end_turn, begin, end = turns(schedule, wg, consumers=consumers)
         k_tile = lambda slot: (qo_smem, k_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
@@ -426,30 +483,37 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         if may_mask:
             s = mask_scores(s, 0, q0)
         m, _, p = online_softmax(s, m)
-        carry = (acc, m, p.sum(axis=1), p.astype(dtype))
+        lost = plgpu.layout_cast(jnp.zeros((block_q,), jnp.int32), plgpu.Layout.WGMMA.reduce(1))
+        carry = (acc, m, p.sum(axis=1), lost, p.astype(dtype))
 
         def step(i, carry, *, masked: bool, after_short: bool = False):
-            acc, m, l, p16 = carry
+            acc, m, l, lost, p16 = carry
             slot, prev = lax.rem(i, stages), lax.rem(i - 1, stages)
             v_prev = v_smem.at[prev, pl.ds(0, first_keys)] if after_short else v_smem.at[prev]
             # The new P leaves `mma_overlapped` through a ref made from the state: a whole tile's shape.
             p_state = jnp.zeros((block_q, block_kv), dtype) if after_short else p16
 
-            def softmax(s, m, l, _):
+            def softmax(s, m, l, lost, _):
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 if masked:
                     s = mask_scores(s, i, q0)
+                if stale:
+                    return stale_softmax(s, m, l, lost)
                 m_new, alpha, p = online_softmax(s, m)
-                return m_new, l * alpha + p.sum(axis=1), p.astype(dtype)
+                return m_new, l * alpha + p.sum(axis=1), lost, p.astype(dtype)
 
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[prev])
             take_turn()
-            acc, m_new, l, p16 = mma_overlapped(statics, k_tile(slot), (acc, p16, v_prev),
-                                                then=end_turn, softmax=softmax, state=(m, l, p_state))
+            acc, m_new, l, lost, p16 = mma_overlapped(statics, k_tile(slot), (acc, p16, v_prev), then=end_turn,
+                                                      softmax=softmax, state=(m, l, lost, p_state))
             plgpu.barrier_arrive(v_consumed.at[prev])
             # acc now holds every tile before i relative to m; tile i's P is relative to m_new.
-            return rescale(acc, jnp.exp2(m - m_new)), m_new, l, p16
+            if not stale:
+                return rescale(acc, jnp.exp2(m - m_new)), m_new, l, lost, p16
+            moved = warp_any((m_new > m).astype(jnp.int32), interpret=statics.interpret)
+            acc = lax.switch(moved, [lambda: acc, lambda: rescale(acc, jnp.exp2(m - m_new))])
+            return acc, m_new, l, lost, p16
 
         unmasked_end = jnp.maximum(full_steps, 1)
         loop_start = 1
@@ -459,7 +523,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         carry = lax.fori_loop(loop_start, unmasked_end, functools.partial(step, masked=False), carry)
         if may_mask:
             carry = lax.fori_loop(unmasked_end, steps, functools.partial(step, masked=True), carry)
-        acc, m, l, p16 = carry
+        acc, m, l, lost, p16 = carry
         last = lax.rem(steps - 1, stages)
         plgpu.barrier_wait(v_ready.at[last])
         take_turn()
@@ -468,7 +532,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         if causal:
             drain_rest(steps, lambda: (take_turn(), end_turn()))
         end()
-        return acc, m, l
+        return acc, m, l, lost
 
     def idle():
         """A consumer with no rows (past the padded length): every ring tile and every turn
@@ -480,7 +544,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         end_turn()
         end()
 
-    def work(q0):
+    # The stale maximum (`MosaicConfig.stale_max`) rides on the overlapped schedule's softmax.
+    stale = cfg.stale_max and cfg.overlap_softmax
+
+    def work(q0, *, exact: bool = False):
+        """A consumer's rows, end to end; returns their `stale_softmax` ``lost`` flags (None when
+        the pass was exact)."""
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, block_q), head], qo_smem, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
@@ -489,7 +558,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.zeros((block_q, statics.head_dim_padded), jnp.float32),
                                 plgpu.Layout.WGMMA)
-        acc, m, l = (overlapped if cfg.overlap_softmax else pingpong)(q0, qo_smem, acc, m, l)
+        lost = None
+        if cfg.overlap_softmax:
+            acc, m, l, lost = overlapped(q0, qo_smem, acc, m, l, stale=stale and not exact)
+        else:
+            acc, m, l = pingpong(q0, qo_smem, acc, m, l)
 
         inv_l = 1.0 / l  # one reciprocal per row instead of a divide per element
         qo_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
@@ -498,16 +571,34 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
         plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, pl.ds(q0, block_q), head])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q0, block_q)])
         plgpu.wait_smem_to_gmem(0)
+        return lost if stale and not exact else None
+
+    def lost_anywhere():
+        """After every consumer has published its rows' ``lost`` flags: whether any row of the CTA
+        lost its exact softmax (the same answer in every warpgroup, so the whole CTA takes or skips
+        the exact pass together). Once per CTA."""
+        plgpu.barrier_wait(lost_shared)
+        return functools.reduce(jnp.maximum, [lost_smem[w, r] for w in range(consumers) for r in range(block_q)])
+
+    def rows(q0, *, exact: bool = False):
+        if consumers == 2:  # the padded length is a multiple of two consumers' rows
+            return work(q0, exact=exact)
+        zeros = plgpu.layout_cast(jnp.zeros((block_q,), jnp.int32), plgpu.Layout.WGMMA.reduce(1))
+        return lax.cond(q0 < q_len_padded, lambda: work(q0, exact=exact),
+                        lambda: (idle(), zeros if stale and not exact else None)[1])
 
     @pl.when(wg < consumers)
     def _consumer():
         plgpu.set_max_registers(_CONSUMER_REGISTERS_BY_COUNT[consumers], action="increase")
         q0 = cta_q0 + wg * block_q
-        if consumers == 2:  # the padded length is a multiple of two consumers' rows
-            work(q0)
-        else:
-            pl.when(q0 < q_len_padded)(lambda: work(q0))
-            pl.when(q0 >= q_len_padded)(idle)
+        lost = rows(q0)
+        if stale:
+            # A row whose logits jumped 2^128 past its stale max: the CTA runs again with the exact
+            # softmax (over the whole ring once more), overwriting its outputs. Never seen on
+            # ordinary inputs; it keeps the stale max exact for any finite logits.
+            lost_smem.at[wg][...] = lost
+            plgpu.barrier_arrive(lost_shared)
+            pl.when(lost_anywhere() > 0)(lambda: rows(q0, exact=True))
 
     @pl.when(wg == consumers)
     def _producer():
@@ -526,8 +617,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
                 plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], ready.at[slot])
             return issue
 
-        produce(cta_steps, stages, [(k_consumed, load(k_ref, k_smem, k_ready)),
-                                    (v_consumed, load(v_ref, v_smem, v_ready))])
+        ring = [(k_consumed, load(k_ref, k_smem, k_ready)), (v_consumed, load(v_ref, v_smem, v_ready))]
+        produce(cta_steps, stages, ring)
+        if stale:
+            pl.when(lost_anywhere() > 0)(lambda: produce(cta_steps, stages, ring))
 
 
 def mosaic_forward(q, k, v, *, statics: MosaicStatics):
@@ -557,6 +650,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         plgpu.SMEM((stages, cfg.block_kv, Hp), q.dtype, transforms=transforms),
         plgpu.SMEM((stages, cfg.block_kv, Hp), q.dtype, transforms=v_transforms(q.dtype, cfg.block_kv)),
         plgpu.SMEM((consumers, cfg.block_q), jnp.float32),
+        plgpu.SMEM((consumers, cfg.block_q), jnp.int32),  # `stale_softmax`'s lost rows
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=consumers),
@@ -565,6 +659,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         # Ping-pong: one rendezvous barrier; overlapped: one "your turn" barrier per consumer.
         (plgpu.Barrier(num_barriers=consumers) if cfg.overlap_softmax
          else plgpu.Barrier(num_arrivals=consumers)),
+        plgpu.Barrier(num_arrivals=consumers),  # every consumer's lost rows published
     ]
     # The last grid axis launches fastest: a head's query tiles run side by side and share its K/V in
     # L2. Heads launched before query tiles measured 4-7% slower causal at 4k (fwd and fwd+bwd),

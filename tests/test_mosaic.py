@@ -77,9 +77,10 @@ def test_matches_reference(rng, name):
     # Every case at 64 leaves the last CTA's third consumer (or two) without rows. (Shorter, head
     # dim 64 keeps the ping-pong pair: the race and determinism tests below run it.) Wider heads
     # load delta early, as long causal runs at head dim 128 do (the three-slot test keeps it off).
+    # Every overlapped default keeps a stale maximum (the three-slot and 176-key tests run without).
     narrow = CASES[name]["H"] <= 64
     config = SMALL.replace(overlap_softmax=True, forward_consumers=3 if narrow else 2, stagger_bwd=narrow,
-                           delta_early=not narrow)
+                           delta_early=not narrow, stale_max=True)
     check_case(rng, **CASES[name], config=config, implementation="mosaic")
 
 
@@ -104,20 +105,55 @@ def test_wide_kv_tiles(rng, S, is_causal, first_keys):
                implementation="mosaic")
 
 
-def test_default_takes_wide_kv_tiles_only_non_causal_at_head_dim_128():
-    wide = lambda **kw: pallas_flash.default_mosaic_config(**kw).block_kv == 176
-    assert wide(head_dim=128, kv_len=4096) and wide(head_dim=96, kv_len=16384)
-    assert not wide(head_dim=128, kv_len=4096, is_causal=True)
-    assert not wide(head_dim=128, kv_len=4100)  # the remainder would need a masked tile
-    assert not wide(head_dim=128) and not wide(head_dim=64, kv_len=4096) and not wide(head_dim=256, kv_len=4096)
+def stale_max_inputs(rng, *, B, T, S, N, K, H, kind):
+    """Inputs whose logits defeat a stale maximum: "rising" logits grow along the keys, so the max
+    keeps moving up (warps move it from P); "jump" puts one key whose logits lie far more than 2^128
+    (in base 2) past every earlier one, so P overflows and the CTA takes the exact pass."""
+    q, k, v, d_out = random_inputs(rng, B=B, T=T, S=S, N=N, K=K, H=H, dtype=F32)
+    if kind == "rising":
+        q, k = q + 1.0, k + jnp.linspace(0.0, 6.0, S)[None, :, None, None]
+    else:
+        q = jnp.abs(q) + 1.0
+        k = k.at[:, S - 5].set(30.0)
+    return [x.astype(BF16) for x in (q, k, v, d_out)]
+
+
+@pytest.mark.parametrize("kind,is_causal", [("rising", True), ("jump", False)])
+def test_stale_max_moves_up_and_falls_back_to_the_exact_pass(rng, kind, is_causal):
+    """The stale maximum against the float32 reference where it must move (outputs, lse and gradients,
+    GQA, ragged), and bitwise against the exact softmax where it cannot keep a row: there the CTA's
+    second, exact pass writes the outputs."""
+    shape = dict(B=1, T=200, S=300, N=2, K=1, H=64)
+    q, k, v, d_out = stale_max_inputs(rng, **shape, kind=kind)
+    config = SMALL.replace(overlap_softmax=True, stale_max=True)
+    kernel = lambda config: jax.jit(lambda q, k, v: pallas_flash.dot_product_attention(
+        q, k, v, is_causal=is_causal, implementation="mosaic", config=config, return_residual=True))
+    out, lse = kernel(config)(q, k, v)
+    assert_output_matches(out, q, k, v, is_causal=is_causal)
+    want_lse = reference.attention(q.astype(F32), k.astype(F32), v.astype(F32), scale=0.125, is_causal=is_causal)[1]
+    np.testing.assert_allclose(np.asarray(lse, F32), np.asarray(want_lse), rtol=2e-2, atol=2e-2)
+    loss = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, is_causal=is_causal, implementation="mosaic",
+                                                              config=config)
+    assert_gradients_match(jax.vjp(loss, q, k, v)[1](d_out), q, k, v, d_out, is_causal=is_causal)
+    if kind == "jump":
+        for got, want in zip((out, lse), kernel(config.replace(stale_max=False))(q, k, v)):
+            np.testing.assert_array_equal(np.asarray(got, F32), np.asarray(want, F32))
+
+
+def test_defaults_keep_a_stale_max_on_the_overlapped_forward():
+    for kw in (dict(head_dim=64), dict(head_dim=64, q_len=1024), dict(head_dim=128, is_causal=True),
+               dict(head_dim=96), dict(head_dim=256)):
+        config = pallas_flash.default_mosaic_config(**kw)
+        assert config.stale_max == config.overlap_softmax, kw
 
 
 @pytest.mark.parametrize("overlap,consumers", [(False, 2), (True, 2), (True, 3)])
 def test_forward_has_no_races(rng, overlap, consumers):
     """The interpreter's race detector over the producer/consumer/turn protocols (with three
-    consumers, 128 rows leave the third one idle)."""
+    consumers, 128 rows leave the third one idle), the overlapped ones with the stale maximum's
+    end-of-CTA exchange of lost rows."""
     q, k, v, _ = random_inputs(rng, B=1, T=128, S=192, N=1, K=1, H=64, dtype=BF16)
-    config = SMALL.replace(overlap_softmax=overlap, forward_consumers=consumers)
+    config = SMALL.replace(overlap_softmax=overlap, forward_consumers=consumers, stale_max=overlap)
     statics = MosaicStatics(config=config, scale=0.125, is_causal=True, q_len=128, kv_len=192,
                             head_dim=64, groups=1, interpret=True, detect_races=True)
     out, _ = mosaic_forward(q, k, v, statics=statics)
@@ -332,14 +368,15 @@ def test_gpu_forward_variants_against_reference(rng, H, block_q, overlap, consum
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,first_keys", [(2096, 160), (2043, 0), (224, 48)])
 def test_gpu_wide_kv_tiles_against_reference(rng, S, first_keys):
-    """The non-causal head-dim-128 default's 176-key tiles, compiled: 2096 keys lead with a short
+    """176-key tiles (FlashAttention-3's, for the non-causal head-dim-128 forward) under the default's
+    stale maximum, compiled: 2096 keys lead with a short
     160-key tile; 2043 end with a masked tile whose last rows the TMA reads past the array as zeros;
     224 are a short tile and one whole one, both in the ring's first fill, with no copy of K/V.
     Gradients too (the backward keeps its own tiles)."""
     from pallas_flash.mosaic_forward import short_first_tile
 
     q, k, v, d_out = random_inputs(rng, B=2, T=1000, S=S, N=4, K=2, H=128, dtype=BF16)
-    config = pallas_flash.default_mosaic_config(head_dim=128, q_len=1000, kv_len=2096).replace(block_kv=176)
+    config = pallas_flash.default_mosaic_config(head_dim=128, q_len=1000).replace(block_kv=176)
     statics = MosaicStatics(config=config, scale=1.0, is_causal=False, q_len=1000, kv_len=S, head_dim=128, groups=2)
     assert short_first_tile(statics) == first_keys
     kernel = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, implementation="mosaic", config=config)
