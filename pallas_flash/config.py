@@ -303,10 +303,7 @@ def v_granule(rows: int) -> int:
 def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None) -> MosaicConfig:
     """Per-head-dim defaults, from the H100 sweeps in NOTES.md; ``q_len`` (the query length, when
     known) picks the forward's consumers at head dim 64 (two below 4096 rows, three from there) and,
-    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``). Every overlapped
-    forward keeps a stale maximum (`MosaicConfig.stale_max`): +10 to +12% causal and +4 to +5%
-    non-causal at head dim 128 (over 176-key tiles without it; 128-key tiles are then the faster
-    ones), +6 to +7% at head dim 64 (NOTES.md, session 17)."""
+    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``)."""
     hp = _round_up(head_dim, 64)
     # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
     # cannot hide one's softmax behind the other's products: three 64-row consumers with the
@@ -321,17 +318,21 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
         backward = dict(block_q_dkv=128, block_kv_dq=128, stagger_bwd=True)
         if q_len is None or q_len >= 4096:
             return MosaicConfig(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True, forward_consumers=3,
-                                stale_max=True, **backward)
+                                **backward)
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2, **backward)
     if hp <= 128:
         # The early delta load measured +1.7 to +5.1% fwd+bwd at 1x16384x16x128 causal (three runs),
         # but -1.7% at 2x8192x16x128 causal, -2.7% and +0.8% at 4x4096x16x128 causal and -0.1 to
         # -1.8% non-causal (NOTES.md, session 9): on for long causal runs only.
         long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
+        # The stale maximum (non-causal; 128-key tiles, which beat 176-key ones with it): forward +3 to
+        # +5% at 4k and 16k. Causal, its end-of-CTA exchange and exact second pass cost what it
+        # saves (-1 to -3%; without them +10 to +12%, but then a row whose logits jump 2^128 would
+        # be lost: NOTES.md, session 17).
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
-                            stale_max=True, delta_early=long_causal)
+                            stale_max=not is_causal, delta_early=long_causal)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
-    return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True, stale_max=True)
+    return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True)
 
 
 @dataclasses.dataclass(frozen=True)

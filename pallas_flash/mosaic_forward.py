@@ -449,7 +449,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
             p_max = jnp.maximum(p.max(axis=1), 1.0)
             inv = 1.0 / p_max
             p_new = p * lax.broadcast_in_dim(inv, p.shape, [0])
-            lost_new = jnp.maximum(lost, (p_max == jnp.inf).astype(jnp.int32))
+            # Warp-uniform, so that one row per warp tells it at the end (`lost_anywhere`).
+            overflowed = warp_any((p_max == jnp.inf).astype(jnp.int32), interpret=statics.interpret)
+            lost_new = jnp.maximum(lost, lax.broadcast_in_dim(overflowed, lost.shape, []))
             return m + jnp.log2(p_max), l * inv + p_new.sum(axis=1), lost_new, p_new.astype(dtype)
 
         grew = warp_any((row_sum > STALE_ROW_SUM_LIMIT).astype(jnp.int32), interpret=statics.interpret)
@@ -576,9 +578,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     def lost_anywhere():
         """After every consumer has published its rows' ``lost`` flags: whether any row of the CTA
         lost its exact softmax (the same answer in every warpgroup, so the whole CTA takes or skips
-        the exact pass together). Once per CTA."""
+        the exact pass together). Once per CTA; the flags are warp-uniform, so the first row of
+        each warp's 16 says it."""
         plgpu.barrier_wait(lost_shared)
-        return functools.reduce(jnp.maximum, [lost_smem[w, r] for w in range(consumers) for r in range(block_q)])
+        return functools.reduce(jnp.maximum, [lost_smem[w, r] for w in range(consumers) for r in range(0, block_q, 16)])
 
     def rows(q0, *, exact: bool = False):
         if consumers == 2:  # the padded length is a multiple of two consumers' rows
