@@ -77,7 +77,8 @@ def test_matches_reference(rng, name):
     # Every case at 64 leaves the last CTA's third consumer (or two) without rows. (Shorter, head
     # dim 64 keeps the ping-pong pair: the race and determinism tests below run it.) Wider heads
     # load delta early, as long causal runs at head dim 128 do (the three-slot test keeps it off).
-    # Every overlapped default keeps a stale maximum (the three-slot and 176-key tests run without).
+    # They run with the stale maximum (the non-causal head-dim-128 default; the three-slot and 176-key
+    # tests run without it).
     narrow = CASES[name]["H"] <= 64
     config = SMALL.replace(overlap_softmax=True, forward_consumers=3 if narrow else 2, stagger_bwd=narrow,
                            delta_early=not narrow, stale_max=True)
