@@ -194,8 +194,9 @@ class MosaicConfig:
     relative to the running max of the earlier tiles, and only a warp one of whose rows sums past
     `mosaic_forward.STALE_ROW_SUM_LIMIT` moves its max up, from P (FlashAttention-4's conditional
     rescaling taken one step further: no max at all on the common path). A row whose logits jump
-    2^128 past its max (P overflows) sends its CTA through an exact second pass. The results are
-    those of the exact softmax up to rounding, not bit for bit.
+    2^128 past its max (P overflows) comes out NaN, and a short second launch recomputes the CTA
+    tiles with a non-finite lse exactly, in place. The results are those of the exact softmax up
+    to rounding, not bit for bit.
 
     ``stagger_bwd`` starts the second consumer of each backward kernel half a step behind the first
     (one barrier, once per CTA), so their elementwise work and products alternate from the first
@@ -326,9 +327,8 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
         # -1.8% non-causal (NOTES.md, session 9): on for long causal runs only.
         long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
         # The stale maximum (non-causal; 128-key tiles, which beat 176-key ones with it): forward +3 to
-        # +5% at 4k and 16k. Causal, its end-of-CTA exchange and exact second pass cost what it
-        # saves (-1 to -3%; without them +10 to +12%, but then a row whose logits jump 2^128 would
-        # be lost: NOTES.md, session 17).
+        # +5% at 4k and 16k (NOTES.md, session 17). Causal it is off until measured with the fix-up
+        # launch (`mosaic_forward`): an in-kernel exact second pass cost the causal gain.
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
                             stale_max=not is_causal, delta_early=long_causal)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.

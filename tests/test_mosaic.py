@@ -108,25 +108,26 @@ def test_wide_kv_tiles(rng, S, is_causal, first_keys):
 
 def stale_max_inputs(rng, *, B, T, S, N, K, H, kind):
     """Inputs whose logits defeat a stale maximum: "rising" logits grow along the keys, so the max
-    keeps moving up (warps move it from P); "jump" puts one key whose logits lie far more than 2^128
-    (in base 2) past every earlier one, so P overflows and the CTA takes the exact pass."""
+    keeps moving up (warps move it from P); "jump" puts key 100 (past every row's first 64-key tile,
+    and visible to rows from 100 on when causal, so to some row of every 192-row CTA) far more than
+    2^128 (in base 2) past every earlier logit, so P overflows and the CTA is recomputed exactly."""
     q, k, v, d_out = random_inputs(rng, B=B, T=T, S=S, N=N, K=K, H=H, dtype=F32)
     if kind == "rising":
         q, k = q + 1.0, k + jnp.linspace(0.0, 6.0, S)[None, :, None, None]
     else:
         q = jnp.abs(q) + 1.0
-        k = k.at[:, S - 5].set(30.0)
+        k = k.at[:, 100].set(30.0)
     return [x.astype(BF16) for x in (q, k, v, d_out)]
 
 
-@pytest.mark.parametrize("kind,is_causal", [("rising", True), ("jump", False)])
-def test_stale_max_moves_up_and_falls_back_to_the_exact_pass(rng, kind, is_causal):
+@pytest.mark.parametrize("kind,is_causal,consumers", [("rising", True, 2), ("jump", False, 2), ("jump", True, 3)])
+def test_stale_max_moves_up_and_falls_back_to_the_exact_pass(rng, kind, is_causal, consumers):
     """The stale maximum against the float32 reference where it must move (outputs, lse and gradients,
-    GQA, ragged), and bitwise against the exact softmax where it cannot keep a row: there the CTA's
-    second, exact pass writes the outputs."""
+    ragged), and bitwise against the exact softmax where it cannot keep a row: there the fix-up
+    launch recomputes the CTA tile exactly (with three consumers, 200 rows leave idle ones)."""
     shape = dict(B=1, T=200, S=300, N=2, K=1, H=64)
     q, k, v, d_out = stale_max_inputs(rng, **shape, kind=kind)
-    config = SMALL.replace(overlap_softmax=True, stale_max=True)
+    config = SMALL.replace(overlap_softmax=True, stale_max=True, forward_consumers=consumers)
     kernel = lambda config: jax.jit(lambda q, k, v: pallas_flash.dot_product_attention(
         q, k, v, is_causal=is_causal, implementation="mosaic", config=config, return_residual=True))
     out, lse = kernel(config)(q, k, v)
@@ -150,8 +151,7 @@ def test_defaults_keep_a_stale_max_only_non_causal_at_head_dim_128():
 @pytest.mark.parametrize("overlap,consumers", [(False, 2), (True, 2), (True, 3)])
 def test_forward_has_no_races(rng, overlap, consumers):
     """The interpreter's race detector over the producer/consumer/turn protocols (with three
-    consumers, 128 rows leave the third one idle), the overlapped ones with the stale maximum's
-    end-of-CTA exchange of lost rows."""
+    consumers, 128 rows leave the third one idle), the overlapped ones with the stale maximum."""
     q, k, v, _ = random_inputs(rng, B=1, T=128, S=192, N=1, K=1, H=64, dtype=BF16)
     config = SMALL.replace(overlap_softmax=overlap, forward_consumers=consumers, stale_max=overlap)
     statics = MosaicStatics(config=config, scale=0.125, is_causal=True, q_len=128, kv_len=192,
