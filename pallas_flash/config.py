@@ -318,21 +318,25 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
     if hp <= 64:
         backward = dict(block_q_dkv=128, block_kv_dq=128, stagger_bwd=True)
         if q_len is None or q_len >= 4096:
+            # The stale maximum: forward +4 to +8% non-causal at 4k and 16k; causal 0% at 16k and
+            # -3 to -4% at 4k (NOTES.md, session 18), so off there.
             return MosaicConfig(block_q=64, block_kv=128, num_stages=2, overlap_softmax=True, forward_consumers=3,
-                                **backward)
+                                stale_max=not is_causal, **backward)
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2, **backward)
     if hp <= 128:
         # The early delta load measured +1.7 to +5.1% fwd+bwd at 1x16384x16x128 causal (three runs),
         # but -1.7% at 2x8192x16x128 causal, -2.7% and +0.8% at 4x4096x16x128 causal and -0.1 to
         # -1.8% non-causal (NOTES.md, session 9): on for long causal runs only.
         long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
-        # The stale maximum (non-causal; 128-key tiles, which beat 176-key ones with it): forward +3 to
-        # +5% at 4k and 16k (NOTES.md, session 17). Causal it is off until measured with the fix-up
-        # launch (`mosaic_forward`): an in-kernel exact second pass cost the causal gain.
+        # The stale maximum (128-key tiles, which beat 176-key ones with it): forward +3 to +5%
+        # non-causal at 4k and 16k (NOTES.md, session 17), +5 to +8% causal with the fix-up launch
+        # (session 18; an in-kernel exact second pass had cost the causal gain).
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
-                            stale_max=not is_causal, delta_early=long_causal)
-    # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring.
-    return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True)
+                            stale_max=True, delta_early=long_causal)
+    # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring. The stale
+    # maximum: forward +4 to +12% non-causal at 4k and 16k, causal +4 to +6% at 4k and -1 to +1% at
+    # 16k (NOTES.md, session 18).
+    return MosaicConfig(block_q=64, block_kv=64, num_stages=2, overlap_softmax=True, stale_max=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,8 +77,8 @@ def test_matches_reference(rng, name):
     # Every case at 64 leaves the last CTA's third consumer (or two) without rows. (Shorter, head
     # dim 64 keeps the ping-pong pair: the race and determinism tests below run it.) Wider heads
     # load delta early, as long causal runs at head dim 128 do (the three-slot test keeps it off).
-    # They run with the stale maximum (the non-causal head-dim-128 default; the three-slot and 176-key
-    # tests run without it).
+    # They run with the stale maximum (on by default wherever the forward overlaps, except causal at
+    # head dim 64; the three-slot and 176-key tests run without it).
     narrow = CASES[name]["H"] <= 64
     config = SMALL.replace(overlap_softmax=True, forward_consumers=3 if narrow else 2, stagger_bwd=narrow,
                            delta_early=not narrow, stale_max=True)
@@ -142,10 +142,14 @@ def test_stale_max_moves_up_and_falls_back_to_the_exact_pass(rng, kind, is_causa
             np.testing.assert_array_equal(np.asarray(got, F32), np.asarray(want, F32))
 
 
-def test_defaults_keep_a_stale_max_only_non_causal_at_head_dim_128():
+def test_defaults_keep_a_stale_max_wherever_the_forward_overlaps_except_causal_head_dim_64():
     stale = lambda **kw: pallas_flash.default_mosaic_config(**kw).stale_max
-    assert stale(head_dim=128) and stale(head_dim=96, q_len=16384)
-    assert not stale(head_dim=128, is_causal=True) and not stale(head_dim=64) and not stale(head_dim=256)
+    assert stale(head_dim=128) and stale(head_dim=128, is_causal=True) and stale(head_dim=96, q_len=16384)
+    assert stale(head_dim=256) and stale(head_dim=256, is_causal=True)
+    assert stale(head_dim=64, q_len=4096) and not stale(head_dim=64, is_causal=True, q_len=4096)
+    # Below 4096 query rows head dim 64 runs the plain ping-pong schedule, which has no stale maximum.
+    short = pallas_flash.default_mosaic_config(head_dim=64, q_len=2048)
+    assert not short.stale_max and not short.overlap_softmax
 
 
 @pytest.mark.parametrize("overlap,consumers", [(False, 2), (True, 2), (True, 3)])
