@@ -15,7 +15,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotun
 # deadlock (NOTES.md, "CPU suite"). PJRT_NPROC sizes that pool when the client is created.
 os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
 
-import jax  # noqa: E402  (after XLA_FLAGS and PJRT_NPROC, which the backend reads once)
+# `pytest -n 4` on one GPU runs four processes; XLA's default of taking 75% of the GPU's memory in
+# each made the later ones fail to load their kernels (CUDA_ERROR_OUT_OF_MEMORY, NOTES.md session 18).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402  (after the environment above, which the backend reads once)
 import pytest  # noqa: E402
 
 # Float32 comparisons between implementations need true float32 dots: on a GPU XLA's default lets
