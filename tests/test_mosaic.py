@@ -478,6 +478,9 @@ def test_autotune_candidates_fit_and_cover_the_schedules(H):
     assert all(max(c.smem_bytes(H)[k] for k in ("dkv", "dq")) <= MOSAIC_SMEM_LIMIT for c in bwd)
     # Three consumers only where their 160 registers hold the overlapped schedule.
     assert {c.forward_consumers for c in fwd} == ({2, 3} if H <= 64 else {2})
+    # The stale maximum both ways, and only where the forward overlaps (elsewhere it is ignored).
+    assert {c.stale_max for c in fwd if c.overlap_softmax} == {False, True}
+    assert not any(c.stale_max for c in fwd if not c.overlap_softmax)
     # The split backward above head dim 128 ignores both schedule switches: no duplicate timings.
     for field in ("stagger_bwd", "delta_early"):
         assert {getattr(c, field) for c in bwd} == ({False} if H > 128 else {False, True}), field
