@@ -240,6 +240,12 @@ class MosaicConfig:
     def replace(self, **changes) -> "MosaicConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def uses_stale_max(self) -> bool:
+        """Whether the forward runs the stale maximum: it rides on the overlapped schedule's softmax,
+        so ``stale_max`` without ``overlap_softmax`` is the exact softmax (and no fix-up launch)."""
+        return self.stale_max and self.overlap_softmax
+
     def smem_bytes(self, head_dim: int, dtype_bytes: int = 2) -> dict[str, int]:
         """Shared memory of each kernel (operand tiles only), to reject configs that cannot launch.
         Above head dim 128 the dK/dV kernel's two consumers share one key block and the dQ kernel

@@ -352,8 +352,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
 
-    # The stale maximum (`MosaicConfig.stale_max`) rides on the overlapped schedule's softmax.
-    stale = cfg.stale_max and cfg.overlap_softmax and not fixup
+    stale = cfg.uses_stale_max and not fixup
     batch = lax.axis_index("batch")
     head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
@@ -677,7 +676,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         scratch=scratch, grid=(N, statics.forward_ctas, B),
         grid_names=("heads", "q_seq", "batch"), consumers=consumers, name="pallas_flash_mosaic_forward",
     )(q, k, v)
-    if cfg.stale_max and cfg.overlap_softmax:
+    if cfg.uses_stale_max:
         # Rows whose P overflowed under the stale maximum came out NaN (`stale_softmax`): a second,
         # short launch recomputes their CTA tiles with the exact softmax, in place. Any other
         # non-finite lse (NaN or inf inputs) takes it too and comes out as the exact kernel has it.

@@ -151,6 +151,9 @@ def test_defaults_keep_a_stale_max_wherever_the_forward_overlaps_except_causal_h
     # Below 4096 query rows head dim 64 runs the plain ping-pong schedule, which has no stale maximum.
     short = pallas_flash.default_mosaic_config(head_dim=64, q_len=2048)
     assert not short.stale_max and not short.overlap_softmax
+    # The stale maximum rides on the overlapped softmax: without it the forward is exact.
+    assert MosaicConfig(stale_max=True, overlap_softmax=True).uses_stale_max
+    assert not MosaicConfig(stale_max=True).uses_stale_max
 
 
 @pytest.mark.parametrize("overlap,consumers", [(False, 2), (True, 2), (True, 3)])
