@@ -683,11 +683,22 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         ctas, rows = statics.forward_ctas, consumers * cfg.block_q
         tail = ((0, 0), (0, 0), (0, ctas * rows - Tp))
         bad = jnp.any(~jnp.isfinite(jnp.pad(lse, tail).reshape(B, N, ctas, rows)), axis=-1).astype(jnp.int32)
-        out_ref, lse_ref = jax.new_ref(out), jax.new_ref(lse)
-        launch(
-            functools.partial(_forward_kernel, fixup=True), statics=statics, out_type=[], scratch=scratch,
-            grid=(N, pl.cdiv(ctas, FIXUP_TILES), B), grid_names=("heads", "q_seq", "batch"),
-            consumers=consumers, name="pallas_flash_mosaic_forward_fixup",
-        )(q, k, v, bad, out_ref, lse_ref)
-        out, lse = out_ref[...], lse_ref[...]
+
+        def fix(out, lse):
+            out_ref, lse_ref = jax.new_ref(out), jax.new_ref(lse)
+            launch(
+                functools.partial(_forward_kernel, fixup=True), statics=statics, out_type=[], scratch=scratch,
+                grid=(N, pl.cdiv(ctas, FIXUP_TILES), B), grid_names=("heads", "q_seq", "batch"),
+                consumers=consumers, name="pallas_flash_mosaic_forward_fixup",
+            )(q, k, v, bad, out_ref, lse_ref)
+            return out_ref[...], lse_ref[...]
+
+        if statics.interpret:
+            # The interpreter steps through every CTA of a launch, flagged tiles or none (about 3 s
+            # a call on CPU), so there the fix-up runs only when a tile is flagged. The GPU keeps the
+            # unconditional launch (8-17 us with nothing flagged: NOTES.md, session 18); a
+            # conditional there was not measured.
+            out, lse = lax.cond(jnp.any(bad > 0), fix, lambda out, lse: (out, lse), out, lse)
+        else:
+            out, lse = fix(out, lse)
     return out[:, :T, :, :H], lse[:, :, :T]
