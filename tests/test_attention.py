@@ -75,7 +75,8 @@ def check_case(rng, *, B, T, S, N, K, H, dtype, is_causal=False, window=None, q_
         return
     loss = lambda fn: (lambda q, k, v: jnp.sum(f32(fn(q, k, v)[0]) * f32(d_out)))
     grad = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))
-    # The log-sum-exp is not differentiable (`return_residual`), so its cotangent is any zeros.
+    # The log-sum-exp is returned as a residual, not differentiated (`return_residual`): a zero
+    # cotangent stands in for it.
     got = kernel_vjp((d_out, jnp.zeros_like(lse)))
     want = grad(oracle)(f32(q), f32(k), f32(v))
     naive_g = grad(lambda q, k, v: (naive_lowp(q, k, v, scale=scale, **masks),))(q, k, v)
