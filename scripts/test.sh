@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: on CPU the kernels run in Pallas interpret mode and `gpu`-marked tests skip.
 source "$(dirname "$0")/env.sh"
-# A normal run takes nine to eleven minutes on two cores. Past fifteen, something hangs (the Mosaic GPU
-# interpreter once deadlocked on too small an XLA:CPU thread pool, which tests/conftest.py now
-# sizes): the run is aborted with the Python stacks printed rather than left to hang.
+# A normal run takes nine to eleven minutes on two cores. Past fifteen, something hangs (the
+# Mosaic GPU interpreter once deadlocked on too small an XLA:CPU thread pool, which
+# tests/conftest.py now sizes): the run is aborted with the Python stacks printed rather than left
+# to hang.
 exec timeout -s ABRT 900 python -m pytest -q -n 2 tests "$@"
