@@ -198,8 +198,8 @@ def dot_product_attention(
       logits_soft_cap: ``cap > 0`` or None (not in jax.nn): logits become ``cap * tanh(logits / cap)``
         after the scale and before the bias and every mask (Gemma 2 order).
       implementation: ``"mosaic"`` (the FlashAttention-3 style Pallas Mosaic GPU kernels for Hopper:
-        float16/bfloat16, causal or not, any T/S/H <= 256, GQA; no bias, mask, lengths, window,
-        segment ids or soft cap yet), ``"triton"`` (the Pallas Triton kernels, every feature),
+        float16/bfloat16, causal or not, any T/S/H <= 256, GQA, sequence lengths; no bias, mask,
+        window, segment ids or soft cap yet), ``"triton"`` (the Pallas Triton kernels, every feature),
         ``"xla"`` (the pure-jnp float32 reference, O(T*S) memory) or None: on a Hopper GPU
         ``"mosaic"`` when it supports the call, else ``"triton"`` on any GPU when it does, else
         ``"xla"``. Both Pallas kernels run in interpret mode (slow) when no GPU is present.
@@ -264,8 +264,7 @@ def dot_product_attention(
 
     reason = _kernel_unsupported(q, scale)
     mosaic_reason = _mosaic_unsupported(q, scale, features=dict(
-        bias=bias, mask=mask, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
-        local_window_size=window, segment_ids=segments, logits_soft_cap=soft_cap))
+        bias=bias, mask=mask, local_window_size=window, segment_ids=segments, logits_soft_cap=soft_cap))
     if implementation == "triton" and reason is not None:
         raise NotImplementedError(reason)
     if implementation == "mosaic" and mosaic_reason is not None:
@@ -290,7 +289,8 @@ def dot_product_attention(
         if implementation == "mosaic":
             mosaic_cfg = config or default_mosaic_config(head_dim=H, is_causal=bool(is_causal), q_len=T)
             mosaic = MosaicStatics(config=mosaic_cfg, scale=float(scale), is_causal=bool(is_causal), q_len=T,
-                                   kv_len=S, head_dim=H, groups=N // K, interpret=not _on_gpu())
+                                   kv_len=S, head_dim=H, groups=N // K, interpret=not _on_gpu(),
+                                   seq_lengths=q_lengths is not None or kv_lengths is not None)
             if (mosaic_cfg.fuse_dq and not splits_backward(H)
                     and dq_split(mosaic_cfg.block_q_dkv, mosaic.head_dim_padded) is None):
                 raise ValueError(f"MosaicConfig.fuse_dq at head dim {H} needs block_q_dkv a multiple of 128 "

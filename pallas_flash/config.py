@@ -352,6 +352,9 @@ class MosaicStatics:
     Sequences are zero-padded to tile multiples of every kernel (``pad_inputs``); tiles of pure
     padding are never visited. Padded keys are masked in the forward and the dQ kernel; padded
     query rows carry zero dO, so they add nothing to dK/dV.
+
+    ``seq_lengths``: the kernels also take per-batch query and key lengths (a ``[2, B]`` int32
+    array, read in the kernels), and skip the tiles past them.
     """
 
     config: MosaicConfig
@@ -363,6 +366,7 @@ class MosaicStatics:
     groups: int
     interpret: bool = False
     detect_races: bool = False
+    seq_lengths: bool = False
 
     @property
     def head_dim_padded(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from pallas_flash.backward import flash_backward
@@ -19,10 +20,20 @@ from pallas_flash.mosaic_backward import mosaic_backward
 from pallas_flash.mosaic_forward import mosaic_forward
 
 
+def _mosaic_lengths(q, k, q_lengths, kv_lengths):
+    """The Mosaic kernels' ``[2, B]`` int32 (query, key) lengths, clipped to ``[0, T]`` and
+    ``[0, S]``; a missing one is the whole length."""
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    full = lambda n: jnp.full((B,), n, jnp.int32)
+    return jnp.stack([full(T) if q_lengths is None else jnp.clip(q_lengths, 0, T),
+                      full(S) if kv_lengths is None else jnp.clip(kv_lengths, 0, S)]).astype(jnp.int32)
+
+
 def _forward(statics: FlashStatics, q, k, v, q_lengths, kv_lengths, segments, bias, mask):
     if statics.mosaic is not None:
-        # The API sends only calls without lengths, segments, bias or mask to the Mosaic kernels.
-        return mosaic_forward(q, k, v, statics=statics.mosaic)
+        # The API sends only calls without segments, bias or mask to the Mosaic kernels.
+        lengths = _mosaic_lengths(q, k, q_lengths, kv_lengths) if statics.mosaic.seq_lengths else None
+        return mosaic_forward(q, k, v, lengths, statics=statics.mosaic)
     return flash_forward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, statics=statics)
 
 
@@ -55,7 +66,8 @@ def _flash_attention_bwd(statics, residuals, cotangents):
     if isinstance(d_out, SymbolicZero):
         d_out = jax.numpy.zeros_like(out)
     if statics.mosaic is not None:
-        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, statics=statics.mosaic)
+        lengths = _mosaic_lengths(q, k, q_lengths, kv_lengths) if statics.mosaic.seq_lengths else None
+        dq, dk, dv = mosaic_backward(q, k, v, out, lse, d_out, lengths, statics=statics.mosaic)
         return dq, dk, dv, None, None, None, None, None
     dq, dk, dv, dbias = flash_backward(q, k, v, q_lengths, kv_lengths, segments, bias, mask, out,
                                        lse, d_out, statics=statics, bias_grad=grad_bias is not None)

@@ -27,6 +27,11 @@ Causal masking skips every tile that lies wholly above the diagonal and masks on
 straddle it. The two consumers of a CTA own different rows, so one may skip steps that the other
 computes: it still waits for each tile and releases it, which keeps every barrier's phases in step.
 
+Per-row sequence lengths (`MosaicStatics.seq_lengths`): a dK/dV CTA streams only the query tiles up
+to its row's query length, none when all its keys lie past the key length, and masks every step of
+a consumer whose keys straddle it; a dQ CTA visits only the key tiles up to the key length, none
+when all its rows lie past the query length. Rows that see no key get P = 0 (an lse of +inf).
+
 Opt-in (``MosaicConfig.fuse_dq``, head dims up to 128): the dK/dV kernel also forms dQ = dS K per
 step from both consumers' dS^T tiles in shared memory and adds it to HBM as fixed-point int32
 words with TMA reduce-adds, so the dQ kernel and its recomputation of S and dP go away while the
@@ -137,6 +142,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     split = outputs == "split"
     refs = list(refs)
     take = lambda present: refs.pop(0) if present else None
+    lens_ref = take(statics.seq_lengths)
     mult_ref = take(fuse)
     acc_ref = take(fuse and not statics.interpret)
     dk_ref, dv_ref = refs.pop(0), refs.pop(0)
@@ -157,13 +163,19 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     causal, groups = statics.is_causal, statics.groups
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
-    num_q_tiles = pl.cdiv(statics.q_len, block_q)  # tiles of pure padding add nothing
 
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
     cta = lax.axis_index("kv_seq")
     cta_k0 = cta * (block_kv if split else consumers * block_kv)
+    # Tiles of pure query padding add nothing, nor (with lengths) those past the query length, nor
+    # any tile when every key of the CTA lies past the key length (dK = dV = 0 there).
+    if lens_ref is None:
+        num_q_tiles, kv_len = pl.cdiv(statics.q_len, block_q), None
+    else:
+        kv_len = lens_ref[1, batch]
+        num_q_tiles = jnp.where(cta_k0 < kv_len, pl.cdiv(lens_ref[0, batch], block_q), 0)
     # Causal: query row i sees key j only if j <= i, so rows above this CTA's first key are skipped.
     first_tile = cta_k0 // block_q if causal else 0
     tiles = num_q_tiles - first_tile
@@ -243,9 +255,10 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             def probabilities(st, lse):
                 pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, shape, [1]))
                 if masked:
-                    # Key k0 + row, query t * block_q + col (padded keys add nothing to any output).
-                    pt = jnp.where(_visible(shape, row_offset=k0, col_offset=t(s) * block_q, causal=True,
-                                            key_len=None, keys_on_rows=True), pt, 0.0)
+                    # Key k0 + row, query t * block_q + col (padded keys add nothing to any output;
+                    # keys past a batch row's length must not: their dK and dV rows come out zero).
+                    pt = jnp.where(_visible(shape, row_offset=k0, col_offset=t(s) * block_q, causal=causal,
+                                            key_len=kv_len, keys_on_rows=True), pt, 0.0)
                 # `MosaicConfig.delta_early`: delta's load then waits with dP^T, not after it.
                 return pt, (load_delta() if dk and cfg.delta_early else None)
 
@@ -314,12 +327,20 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             plgpu.barrier_wait(tile_ready.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
 
+        # A consumer whose keys straddle a batch row's key length masks every step.
+        straddles = False if kv_len is None else k0 + block_kv > kv_len
+
         def group(g, carry):
             # Steps of query head g of the group: s = base + t for query tiles t.
             base = g * tiles - first_tile
             t = lambda s: s - base
             if not causal:
-                return lax.fori_loop(base, base + num_q_tiles,
+                if kv_len is None:
+                    return lax.fori_loop(base, base + num_q_tiles,
+                                         functools.partial(step, t=t, masked=False), carry)
+                t_full = jnp.where(straddles, num_q_tiles, 0)
+                carry = lax.fori_loop(base, base + t_full, functools.partial(step, t=t, masked=True), carry)
+                return lax.fori_loop(base + t_full, base + num_q_tiles,
                                      functools.partial(step, t=t, masked=False), carry)
             # Tiles wholly above this key block, tiles across the diagonal, tiles below it. Fused,
             # both consumers take part in every step's dQ product, so nothing is skipped: the
@@ -328,6 +349,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             # than the producer loads would wait forever.
             t_active = first_tile if fuse else jnp.clip(k0 // block_q, first_tile, num_q_tiles)
             t_full = jnp.clip(pl.cdiv(k0 + block_kv - 1, block_q), t_active, num_q_tiles)
+            t_full = jnp.where(straddles, num_q_tiles, t_full)
             pl.loop(base + first_tile, base + t_active)(skip)
             carry = lax.fori_loop(base + t_active, base + t_full,
                                   functools.partial(step, t=t, masked=True), carry)
@@ -379,16 +401,18 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
         produce(steps, stages, [(consumed, load)])
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
-               q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-               rows_ready, kv_ready, consumed, start, *, statics: MosaicStatics, consumers: int):
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: MosaicStatics, consumers: int):
+    refs = list(refs)
+    lens_ref = refs.pop(0) if statics.seq_lengths else None
+    (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+     rows_ready, kv_ready, consumed, start) = refs
     cfg = statics.config
     stagger = cfg.stagger_bwd and consumers == 2
     block_q, block_kv = cfg.block_q_dq, cfg.block_kv_dq
-    causal, kv_len = statics.is_causal, statics.kv_len
+    causal = statics.is_causal
     dtype = q_ref.dtype
     c = statics.scale * LOG2_E
-    num_kv_blocks = pl.cdiv(kv_len, block_kv)
+    num_kv_blocks = pl.cdiv(statics.kv_len, block_kv)
     num_q_tiles = statics.q_len_padded // (consumers * block_q)
 
     batch = lax.axis_index("batch")
@@ -399,7 +423,19 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
     wg = lax.axis_index("wg")
     cta_q0 = tile * (consumers * block_q)
 
-    steps_for = functools.partial(kv_steps, block_q=block_q, block_kv=block_kv, kv_len=kv_len, causal=causal)
+    # Keys past kv_len are masked: zero padding, or past the batch row's length. With lengths a CTA
+    # whose rows all lie past the query length visits no tile and writes dQ = 0.
+    if lens_ref is None:
+        kv_len, ragged, live = statics.kv_len, bool(statics.kv_len % block_kv), None
+    else:
+        kv_len, ragged, live = lens_ref[1, batch], True, cta_q0 < lens_ref[0, batch]
+
+    def steps_for(q0):
+        full, visit = kv_steps(q0, block_q=block_q, block_kv=block_kv, kv_len=kv_len, causal=causal)
+        if live is None:
+            return full, visit
+        return jnp.where(live, full, 0), jnp.where(live, visit, 0)
+
     _, cta_steps = steps_for(cta_q0 + (consumers - 1) * block_q)  # the last consumer's
     stages = min(cfg.num_stages_bwd, num_kv_blocks)
 
@@ -431,7 +467,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
                 if masked:
                     # Key j = i * block_kv + col, query q0 + row: padded keys have k = 0, not P = 0.
                     visible = _visible(shape, row_offset=q0, col_offset=i * block_kv, causal=causal,
-                                       key_len=kv_len if kv_len % block_kv else None, keys_on_rows=False)
+                                       key_len=kv_len if ragged else None, keys_on_rows=False)
                     p = jnp.where(visible, p, 0.0)
                 return p
 
@@ -446,10 +482,12 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
             return dq
 
         if stagger:
-            # As in the dK/dV kernel; every consumer has at least one step (row q0 sees key 0).
-            pl.when(wg == 1)(lambda: plgpu.barrier_wait(start))
+            # As in the dK/dV kernel; every consumer has at least one step (row q0 sees key 0), or
+            # with lengths none of them has (no key, or no row in the CTA).
+            waits = wg == 1 if live is None else (wg == 1) & (steps_for(cta_q0)[1] > 0)
+            pl.when(waits)(lambda: plgpu.barrier_wait(start))
         dq = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), dq)
-        if causal or kv_len % block_kv:
+        if causal or ragged:
             dq = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), dq)
 
         if causal:
@@ -473,12 +511,17 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref,
         produce(cta_steps, stages, [(consumed, load)])
 
 
-def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
+def mosaic_backward(q, k, v, out, lse, d_out, lengths=None, *, statics: MosaicStatics):
     """``(dq, dk, dv)`` from the forward's residuals; ``lse`` is the ``[B, N, T]`` base-2
-    log-sum-exp that `mosaic_forward` (or the Triton forward) wrote."""
+    log-sum-exp that `mosaic_forward` (or the Triton forward) wrote; ``lengths`` as there."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     cfg = statics.config
+    lens = (lengths,) if statics.seq_lengths else ()
+    if lens:
+        # Rows that see no key come with a -inf lse and a zero output; +inf gives them P = 0, so
+        # they add nothing to dK and dV and get dQ = 0 whatever their dO.
+        lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
     # delta = rowsum(dO * O) (FlashAttention-2 section 3.2): an O(T * H) elementwise pass XLA fuses.
     delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), d_out.astype(jnp.float32))
     qp, kp, vp = statics.pad_inputs(q, k, v)
@@ -532,7 +575,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
             ],
             grid=(K, Sp // keys_per_cta, B), grid_names=("heads", "kv_seq", "batch"),
             consumers=consumers, name=f"pallas_flash_mosaic_{outputs}",
-        )(qp, dop, lse, delta, kp, vp, *dq_operands)
+        )(qp, dop, lse, delta, kp, vp, *lens, *dq_operands)
 
     # Up to head dim 128 each consumer keeps dK and dV (two 64 x H float32 accumulators) in
     # registers; wider, the dK/dV kernel's consumers split one block's work between them (module
@@ -574,5 +617,5 @@ def mosaic_backward(q, k, v, out, lse, d_out, *, statics: MosaicStatics):
         ],
         grid=(N, Tp // (consumers * cfg.block_q_dq), B), grid_names=("heads", "q_seq", "batch"),
         consumers=consumers, name="pallas_flash_mosaic_dq",
-    )(qp, dop, lse, delta, kp, vp)
+    )(qp, dop, lse, delta, kp, vp, *lens)
     return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]

@@ -39,6 +39,11 @@ the consumers of a CTA need different numbers of tiles: one that finishes early 
 on the consumed and schedule barriers until the last is done, so neither the producer nor the
 turns ever wait on a warpgroup that has left.
 
+Per-row sequence lengths (`MosaicStatics.seq_lengths`) are read in the kernel: tiles past a row's
+key length are never loaded and the last one it visits is masked; under the overlapped schedule a
+consumer whose rows all lie past the query length idles as one past the padded length does, and
+rows that see no key are written as zeros with a -inf log-sum-exp.
+
 The softmax is in base 2 with ``scale * log2(e)`` folded into one multiply, and the kernel writes
 the base-2 log-sum-exp in the same ``[B, N, T]`` layout as the Triton forward, so either backward
 can consume it.
@@ -250,7 +255,8 @@ def short_first_tile(statics: MosaicStatics) -> int:
     cfg = statics.config
     rest = statics.kv_len % cfg.block_kv
     granule = v_granule(cfg.block_kv)
-    if statics.is_causal or not cfg.overlap_softmax or statics.kv_len < cfg.block_kv or rest % granule:
+    if (statics.is_causal or statics.seq_lengths or not cfg.overlap_softmax or statics.kv_len < cfg.block_kv
+            or rest % granule):
         return 0
     return rest
 
@@ -337,14 +343,16 @@ FIXUP_TILES = 16
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: bool):
     """The forward; with ``fixup`` (refs: ``bad, o, lse`` then the scratch) it recomputes, with the
     exact softmax, only the CTA tiles ``bad`` flags, writing into ``o`` and ``lse`` in place; each
-    CTA walks `FIXUP_TILES` of them."""
-    bad_ref = refs[0] if fixup else None
+    CTA walks `FIXUP_TILES` of them. With `MosaicStatics.seq_lengths` the refs start with the
+    ``[2, B]`` query and key lengths."""
+    refs = list(refs)
+    lens_ref = refs.pop(0) if statics.seq_lengths else None
+    bad_ref = refs.pop(0) if fixup else None
     (o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
-     k_ready, v_ready, q_ready, k_consumed, v_consumed, schedule) = refs[fixup:]
+     k_ready, v_ready, q_ready, k_consumed, v_consumed, schedule) = refs
     cfg: MosaicConfig = statics.config
     block_q, block_kv, stages = cfg.block_q, cfg.block_kv, statics.forward_stages
     causal = statics.is_causal
-    kv_len = statics.kv_len  # true key length; keys past it are zero padding and masked
     consumers = cfg.forward_consumers
     q_len_padded = statics.q_len_padded
     num_q_tiles = statics.forward_ctas
@@ -378,12 +386,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
     def work_on(tile):
         """(the consumers' work, the producer's work) on CTA tile ``tile``."""
         cta_q0 = tile * (consumers * block_q)
+        # Keys past kv_len are masked (zero padding, or past this batch row's length). With lengths,
+        # an empty batch row still visits one masked tile, so every running max stays finite; its
+        # rows are written empty. ``ragged``: some visited tile may hold keys past kv_len.
+        if lens_ref is None:
+            q_len, kv_len, empty = None, statics.kv_len, None
+            ragged = bool(statics.kv_len % block_kv)
+        else:
+            q_len, kv_len = lens_ref[0, batch], lens_ref[1, batch]
+            empty = kv_len == 0
+            kv_len, ragged = jnp.maximum(kv_len, 1), True
+        # Under the overlapped schedule a consumer whose rows all lie past the query length only
+        # passes the ring and the turns on, as one past the padded length does.
+        skips_rows = lens_ref is not None and cfg.overlap_softmax
 
         steps_for = functools.partial(kv_steps, block_q=block_q, block_kv=block_kv, kv_len=kv_len, causal=causal)
         # The last consumer with rows sees the most tiles. With three consumers the padded length need
         # not fill the last CTA: consumers past it only pass the ring and the turns on.
         last_q0 = jnp.minimum(cta_q0 + (consumers - 1) * block_q, q_len_padded - block_q)
         _, cta_steps = steps_for(last_q0)
+        if skips_rows:
+            cta_steps = jnp.where(cta_q0 < q_len, cta_steps, 0)
 
         def mask_scores(s, i, q0):
             """-inf for padded keys and, causal, keys right of the diagonal, in K/V tile ``i``. Not the
@@ -394,7 +417,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
             cols = cols + i * block_kv
             # Keys past kv_len exist only in a ragged last tile; a causal diagonal tile of a tile-multiple
             # length needs no such test (+0.1 to +1.9% causal forward at five shapes; NOTES.md, session 11).
-            visible = (cols < kv_len) if kv_len % block_kv else None
+            visible = (cols < kv_len) if ragged else None
             if causal:
                 diag = cols <= rows + q0
                 visible = diag if visible is None else visible & diag
@@ -458,7 +481,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
 
             carry = (acc, m, l)
             carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
-            if causal or kv_len % block_kv:  # a straddling diagonal or a ragged last tile
+            if causal or ragged:  # a straddling diagonal or a ragged last tile
                 carry = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
             if causal:
                 drain_rest(steps, lambda: (_schedule_sync(schedule), _schedule_sync(schedule)))
@@ -498,7 +521,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
             take_turn, end_turn, begin, end = turns(schedule, wg, consumers=consumers)
             k_tile = lambda slot: (qo_smem, k_smem.at[slot].transpose((1, 0)), (block_q, block_kv))
             # A straddling diagonal or a ragged last tile; with a short first tile every tile is whole.
-            may_mask = causal or (kv_len % block_kv and not first_keys)
+            may_mask = causal or (ragged and not first_keys)
             if first_keys:
                 full_steps = steps
 
@@ -563,15 +586,31 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
             end()
             return acc, m, l
 
-        def idle():
-            """A consumer with no rows (past the padded length): every ring tile and every turn
-            (one per tile and one for the last ``P V``) passes through it untouched."""
+        def idle(q0=None):
+            """A consumer with no rows (past the padded length, or from ``q0`` on past the query
+            length, whose rows it writes empty): every ring tile and every turn (one per tile and one
+            for the last ``P V``) passes through it untouched."""
             take_turn, end_turn, begin, end = turns(schedule, wg, consumers=consumers)
             begin()
             drain_rest(0, lambda: (take_turn(), end_turn()))
             take_turn()
             end_turn()
             end()
+            if q0 is not None:
+                pl.when(q0 < q_len_padded)(lambda: write_empty(q0))
+
+        def write_empty(q0):
+            qo_smem2.at[wg][...] = plgpu.layout_cast(jnp.zeros((block_q, statics.head_dim_padded), dtype),
+                                                     plgpu.Layout.WGMMA)
+            lse_smem2.at[wg][...] = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                                                      plgpu.Layout.WGMMA.reduce(1))
+            send(q0)
+
+        def send(q0):
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem2.at[wg], o_ref.at[batch, pl.ds(q0, block_q), head])
+            plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[batch, head, pl.ds(q0, block_q)])
+            plgpu.wait_smem_to_gmem(0)
 
         def work(q0):
             qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
@@ -585,16 +624,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
             acc, m, l = (overlapped if cfg.overlap_softmax else pingpong)(q0, qo_smem, acc, m, l)
 
             inv_l = 1.0 / l  # one reciprocal per row instead of a divide per element
+            if lens_ref is not None:
+                # Rows past the query length, and every row of a batch row without keys, see no key:
+                # zero output and a -inf log-sum-exp, as the reference has them.
+                rows = plgpu.broadcasted_iota(jnp.int32, (block_q,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+                valid = rows < jnp.where(empty, 0, q_len - q0)
+                inv_l = jnp.where(valid, inv_l, 0.0)
             qo_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
-            lse_smem[...] = m + jnp.log2(l)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, pl.ds(q0, block_q), head])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q0, block_q)])
-            plgpu.wait_smem_to_gmem(0)
+            lse = m + jnp.log2(l)
+            lse_smem[...] = lse if lens_ref is None else jnp.where(valid, lse, -jnp.inf)
+            send(q0)
 
         def consumer():
             q0 = cta_q0 + wg * block_q
-            if consumers == 2:  # the padded length is a multiple of two consumers' rows
+            if skips_rows:
+                pl.when(q0 < q_len)(lambda: work(q0))
+                pl.when(q0 >= q_len)(lambda: idle(q0))
+            elif consumers == 2:  # the padded length is a multiple of two consumers' rows
                 work(q0)
             else:
                 pl.when(q0 < q_len_padded)(lambda: work(q0))
@@ -631,11 +677,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, statics: MosaicStatics, fixup: b
         each_tile(lambda tile: work_on(tile)[1]())
 
 
-def mosaic_forward(q, k, v, *, statics: MosaicStatics):
+def mosaic_forward(q, k, v, lengths=None, *, statics: MosaicStatics):
     """Returns ``(out [B, T, N, H], lse2 [B, N, T] float32)`` like `forward.flash_forward`.
 
     Inputs arrive padded (`MosaicStatics.pad_inputs`): T to a multiple of ``2 * block_q``, S to a
-    multiple of ``block_kv``, H to a multiple of 64; the outputs are sliced back here.
+    multiple of ``block_kv``, H to a multiple of 64; the outputs are sliced back here. ``lengths``
+    (with `MosaicStatics.seq_lengths`): ``[2, B]`` int32 query and key lengths within ``[0, T]``
+    and ``[0, S]``.
     """
     B, T, N, H = q.shape
     q, k, v = statics.pad_inputs(q, k, v)
@@ -650,6 +698,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         extra = tiles * cfg.block_kv - k.shape[1]
         k, v = (jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) for x in (k, v))
     Tp, Hp = q.shape[1], q.shape[3]
+    lens = (lengths,) if statics.seq_lengths else ()
     stages = statics.forward_stages
     consumers = cfg.forward_consumers
     transforms = smem_transforms(q.dtype)
@@ -675,14 +724,19 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
         out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
         scratch=scratch, grid=(N, statics.forward_ctas, B),
         grid_names=("heads", "q_seq", "batch"), consumers=consumers, name="pallas_flash_mosaic_forward",
-    )(q, k, v)
+    )(q, k, v, *lens)
     if cfg.uses_stale_max:
         # Rows whose P overflowed under the stale maximum came out NaN (`stale_softmax`): a second,
         # short launch recomputes their CTA tiles with the exact softmax, in place. Any other
-        # non-finite lse (NaN or inf inputs) takes it too and comes out as the exact kernel has it.
+        # non-finite lse (NaN or inf inputs) takes it too and comes out as the exact kernel has it;
+        # rows that see no key (past the lengths) are -inf by design and do not.
         ctas, rows = statics.forward_ctas, consumers * cfg.block_q
         tail = ((0, 0), (0, 0), (0, ctas * rows - Tp))
-        bad = jnp.any(~jnp.isfinite(jnp.pad(lse, tail).reshape(B, N, ctas, rows)), axis=-1).astype(jnp.int32)
+        wrong = ~jnp.isfinite(lse)
+        if lens:
+            sees_keys = (jnp.arange(Tp) < lengths[0][:, None]) & (lengths[1][:, None] > 0)  # [B, Tp]
+            wrong &= sees_keys[:, None, :]
+        bad = jnp.any(jnp.pad(wrong, tail).reshape(B, N, ctas, rows), axis=-1).astype(jnp.int32)
 
         def fix(out, lse):
             out_ref, lse_ref = jax.new_ref(out), jax.new_ref(lse)
@@ -690,7 +744,7 @@ def mosaic_forward(q, k, v, *, statics: MosaicStatics):
                 functools.partial(_forward_kernel, fixup=True), statics=statics, out_type=[], scratch=scratch,
                 grid=(N, pl.cdiv(ctas, FIXUP_TILES), B), grid_names=("heads", "q_seq", "batch"),
                 consumers=consumers, name="pallas_flash_mosaic_forward_fixup",
-            )(q, k, v, bad, out_ref, lse_ref)
+            )(q, k, v, *lens, bad, out_ref, lse_ref)
             return out_ref[...], lse_ref[...]
 
         if statics.interpret:

@@ -7,6 +7,7 @@ small instead of starting the full benchmark.
 import importlib.util
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -104,6 +105,19 @@ def test_help_exits_cleanly(capsys):
         attention.main(["--help"])
     assert exit_info.value.code == 0
     assert "--out-dir" in capsys.readouterr().out
+
+
+def test_lengths_benchmark_draws_rows_in_range_and_needs_a_gpu(capsys):
+    from benchmarks import lengths
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rows = lengths.row_lengths(64, 1000, 0.25, seed=seed)
+    assert rows.dtype == np.int32 and rows.min() >= 250 and rows.max() <= 1000
+    np.testing.assert_array_equal(rows, lengths.row_lengths(64, 1000, 0.25, seed=seed))
+    assert lengths.row_lengths(8, 3, 1.0).tolist() == [3] * 8
+    if jax.default_backend() != "gpu":
+        assert lengths.main([]) == 0
+        assert "needs a GPU" in capsys.readouterr().out
 
 
 def test_interleaved_rounds_alternates_cases():

@@ -107,6 +107,28 @@ def test_wide_kv_tiles(rng, S, is_causal, first_keys):
                implementation="mosaic")
 
 
+# Per-row lengths (random, the first key length 0: a row that sees nothing) under each schedule: the
+# overlapped pair with the stale maximum (consumers past a row's query length idle; the fix-up must
+# leave the rows past the lengths alone), three causal consumers with staggered backward consumers,
+# and head dim 128's ping-pong with only key lengths.
+LENGTH_CASES = {
+    "overlapped_stale_gqa": dict(B=3, T=200, S=190, N=2, K=1, H=64, q_lengths=True, kv_lengths=True,
+                                 config=SMALL.replace(overlap_softmax=True, stale_max=True)),
+    "causal_three_consumers": dict(B=3, T=200, S=190, N=2, K=1, H=64, is_causal=True, q_lengths=True,
+                                   kv_lengths=True, config=SMALL.replace(overlap_softmax=True, forward_consumers=3,
+                                                                         stagger_bwd=True)),
+    "pingpong_key_lengths": dict(B=2, T=130, S=150, N=2, K=2, H=128, kv_lengths=True, config=SMALL),
+}
+
+
+@pytest.mark.parametrize("name", LENGTH_CASES)
+def test_sequence_lengths_match_reference(rng, name):
+    """``query_seq_lengths`` / ``key_value_seq_lengths``: rows past a query length and every row of
+    a batch row with no keys come out exactly empty (zero output, -inf lse, zero gradients), and the
+    tiles past the lengths are skipped (the dK/dV CTAs wholly past a key length write zeros)."""
+    check_case(rng, **LENGTH_CASES[name], dtype=BF16, implementation="mosaic")
+
+
 def stale_max_inputs(rng, *, B, T, S, N, K, H, kind):
     """Inputs whose logits defeat a stale maximum: "rising" logits grow along the keys, so the max
     keeps moving up (warps move it from P); "jump" puts key 100 (past every row's first 64-key tile,
@@ -289,14 +311,12 @@ def test_fused_dq_fixed_point_bound_and_decoding(rng):
     np.testing.assert_allclose(np.asarray(dq, np.float64), 0.5 * y, rtol=2.0 ** -23, atol=2.0 ** -lo_bits)
 
 
-@pytest.mark.parametrize("feature", ["bias", "mask", "query_seq_lengths", "local_window_size",
-                                     "logits_soft_cap", "segment_ids"])
+@pytest.mark.parametrize("feature", ["bias", "mask", "local_window_size", "logits_soft_cap", "segment_ids"])
 def test_unsupported_features_raise_and_default_falls_back(rng, feature):
     q, k, v, _ = random_inputs(rng, B=1, T=16, S=16, N=2, K=2, H=32, dtype=BF16)
     kwargs = {
         "bias": dict(bias=jnp.zeros((1, 2, 16, 16))),
         "mask": dict(mask=jnp.ones((1, 1, 16, 16), bool)),
-        "query_seq_lengths": dict(query_seq_lengths=jnp.array([9])),
         "local_window_size": dict(local_window_size=3),
         "logits_soft_cap": dict(logits_soft_cap=5.0),
         "segment_ids": dict(query_segment_ids=jnp.zeros((1, 16), jnp.int32),
@@ -434,6 +454,16 @@ def test_gpu_long_causal_leading_rows(rng, H):
     grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum((attn(q, k, v) * d_out).astype(F32)),
                              argnums=(0, 1, 2)))(q, k, v)
     assert all(bool(jnp.all(jnp.isfinite(g.astype(F32)))) for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,T", [(64, 4200), (128, 1500), (256, 700)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gpu_sequence_lengths_against_reference(rng, H, T, is_causal):
+    """Per-row lengths at the default tiles (head dim 64 from 4096 rows: three forward consumers, the
+    stale maximum non-causal; 256: the split backward), with GQA and a batch row without keys."""
+    check_case(rng, B=3, T=T, S=T - 37, N=4, K=2, H=H, dtype=BF16, is_causal=is_causal, q_lengths=True,
+               kv_lengths=True, implementation="mosaic")
 
 
 def test_autotune_picks_the_fastest_and_caches_it(rng, tmp_path, monkeypatch):
