@@ -108,9 +108,9 @@ def test_wide_kv_tiles(rng, S, is_causal, first_keys):
 
 
 # Per-row lengths (random, the first key length 0: a row that sees nothing) under each schedule: the
-# overlapped pair with the stale maximum (consumers past a row's query length idle; the fix-up must
-# leave the rows past the lengths alone), three causal consumers with staggered backward consumers,
-# and head dim 128's ping-pong with only key lengths.
+# overlapped pair with the stale maximum (consumers past a row's query length idle and write their
+# rows empty), three causal consumers with staggered backward consumers, and head dim 128's
+# ping-pong with only key lengths.
 LENGTH_CASES = {
     "overlapped_stale_gqa": dict(B=3, T=200, S=190, N=2, K=1, H=64, q_lengths=True, kv_lengths=True,
                                  config=SMALL.replace(overlap_softmax=True, stale_max=True)),
@@ -123,9 +123,10 @@ LENGTH_CASES = {
 
 @pytest.mark.parametrize("name", LENGTH_CASES)
 def test_sequence_lengths_match_reference(rng, name):
-    """``query_seq_lengths`` / ``key_value_seq_lengths``: rows past a query length and every row of
-    a batch row with no keys come out exactly empty (zero output, -inf lse, zero gradients), and the
-    tiles past the lengths are skipped (the dK/dV CTAs wholly past a key length write zeros)."""
+    """``query_seq_lengths`` / ``key_value_seq_lengths`` against the reference: rows past a query
+    length and every row of a batch row with no keys come out exactly empty (zero output, -inf lse,
+    zero gradients). Interpret-mode outputs start as NaN, so a CTA that skips every tile (dK/dV
+    keys wholly past a key length, dQ rows past a query length) and forgot its zeros would fail."""
     check_case(rng, **LENGTH_CASES[name], dtype=BF16, implementation="mosaic")
 
 
