@@ -13,8 +13,8 @@ forward+backward (`jax.grad` of ``sum(out * cotangent)``) of:
 (c) ``causal``: plain causal attention over the whole row with our kernel (no segments), the
     ceiling that (a) should beat by skipping cross-document blocks.
 
-Timing is `benchmarks.tune.time_call` (median of rounds of back-to-back calls). Without a GPU it
-prints "needs a GPU" and exits 0.
+Timing is `pallas_flash.timing.median_seconds` (median of rounds of back-to-back calls). Without a
+GPU it prints "needs a GPU" and exits 0.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_flash
-from benchmarks.tune import time_call
+from pallas_flash.timing import median_seconds
 
 
 def packed_segment_ids(rng: np.random.Generator, B: int, T: int, docs: int) -> np.ndarray:
@@ -59,23 +59,26 @@ def main(argv=None) -> int:
     causal = np.tril(np.ones((T, T), bool))
     mask = jnp.asarray((np.asarray(ids)[:, :, None] == np.asarray(ids)[:, None, :]) & causal)[:, None]
 
+    # The ids, the mask and the cotangent are arguments: closed over, XLA would constant-fold them
+    # into each program (the mask alone is B * T * T bytes).
     variants = {
-        "segment_ids (pallas_flash triton)": lambda q, k, v: pallas_flash.dot_product_attention(
+        "segment_ids (pallas_flash triton)": lambda q, k, v, ids, mask: pallas_flash.dot_product_attention(
             q, k, v, is_causal=True, query_segment_ids=ids, key_value_segment_ids=ids,
             implementation="triton"),
-        "mask array (pallas_flash triton)": lambda q, k, v: pallas_flash.dot_product_attention(
+        "mask array (pallas_flash triton)": lambda q, k, v, ids, mask: pallas_flash.dot_product_attention(
             q, k, v, mask=mask, is_causal=True, implementation="triton"),
-        "causal, full row (pallas_flash triton)": lambda q, k, v: pallas_flash.dot_product_attention(
+        "causal, full row (pallas_flash triton)": lambda q, k, v, ids, mask: pallas_flash.dot_product_attention(
             q, k, v, is_causal=True, implementation="triton"),
     }
     rows = []
     for name, fn in variants.items():
-        fwd = jax.jit(fn)
-        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
+        loss = lambda q, k, v, ids, mask, d_out, fn=fn: jnp.sum(
+            fn(q, k, v, ids, mask).astype(jnp.float32) * d_out.astype(jnp.float32))
         fwdbwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        timed = lambda f, *xs: median_seconds(f, xs, rounds=args.rounds, calls=args.calls)
         try:
-            t_fwd = time_call(fwd, q, k, v, rounds=args.rounds, calls=args.calls)
-            t_bwd = time_call(fwdbwd, q, k, v, rounds=args.rounds, calls=args.calls)
+            t_fwd = timed(jax.jit(fn), q, k, v, ids, mask)
+            t_bwd = timed(fwdbwd, q, k, v, ids, mask, d_out)
             rows.append((name, f"{t_fwd * 1e3:.3f}", f"{t_bwd * 1e3:.3f}"))
         except Exception as err:  # out of memory, say: report it and go on to the next variant
             rows.append((name, "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"))

@@ -120,6 +120,13 @@ def test_lengths_benchmark_draws_rows_in_range_and_needs_a_gpu(capsys):
         assert "needs a GPU" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module", ["backward_parts", "decode", "gpt2_step", "lengths", "segments", "tune"])
+def test_every_benchmark_module_imports(module):
+    """The modules the other tests never run (their timings need a GPU) still import: segments.py
+    once imported a helper that had moved away."""
+    importlib.import_module(f"benchmarks.{module}")
+
+
 def test_interleaved_rounds_alternates_cases():
     """Round r of every case runs before round r + 1 of any, each with its own call count."""
     from pallas_flash.timing import interleaved_rounds
