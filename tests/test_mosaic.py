@@ -107,17 +107,16 @@ def test_wide_kv_tiles(rng, S, is_causal, first_keys):
                implementation="mosaic")
 
 
-# Per-row lengths (random, the first key length 0: a row that sees nothing) under each schedule: the
-# overlapped pair with the stale maximum (consumers past a row's query length idle and write their
-# rows empty), three causal consumers with staggered backward consumers, and head dim 128's
-# ping-pong with only key lengths.
+# Per-row lengths (random, the first key length 0: a row that sees nothing) under the overlapped
+# schedules: the pair with the stale maximum (consumers past a row's query length idle and write
+# their rows empty), and three causal consumers with staggered backward consumers. The ping-pong's
+# lengths run on the GPU (`test_gpu_sequence_lengths_pingpong`): each case here costs ~25 s of CPU.
 LENGTH_CASES = {
-    "overlapped_stale_gqa": dict(B=3, T=200, S=190, N=2, K=1, H=64, q_lengths=True, kv_lengths=True,
+    "overlapped_stale_gqa": dict(B=3, T=120, S=120, N=2, K=1, H=64, q_lengths=True, kv_lengths=True,
                                  config=SMALL.replace(overlap_softmax=True, stale_max=True)),
-    "causal_three_consumers": dict(B=3, T=200, S=190, N=2, K=1, H=64, is_causal=True, q_lengths=True,
+    "causal_three_consumers": dict(B=3, T=120, S=110, N=2, K=1, H=64, is_causal=True, q_lengths=True,
                                    kv_lengths=True, config=SMALL.replace(overlap_softmax=True, forward_consumers=3,
                                                                          stagger_bwd=True)),
-    "pingpong_key_lengths": dict(B=2, T=130, S=150, N=2, K=2, H=128, kv_lengths=True, config=SMALL),
 }
 
 
@@ -465,6 +464,15 @@ def test_gpu_sequence_lengths_against_reference(rng, H, T, is_causal):
     stale maximum non-causal; 256: the split backward), with GQA and a batch row without keys."""
     check_case(rng, B=3, T=T, S=T - 37, N=4, K=2, H=H, dtype=BF16, is_causal=is_causal, q_lengths=True,
                kv_lengths=True, implementation="mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gpu_sequence_lengths_pingpong(rng, is_causal):
+    """Per-row lengths under the ping-pong schedule (no overlapped softmax), whose consumers compute
+    the rows past a query length and write them empty."""
+    check_case(rng, B=3, T=1000, S=1100, N=4, K=2, H=128, dtype=BF16, is_causal=is_causal, q_lengths=True,
+               kv_lengths=True, config=MosaicConfig(block_kv=128, overlap_softmax=False), implementation="mosaic")
 
 
 def test_autotune_picks_the_fastest_and_caches_it(rng, tmp_path, monkeypatch):
