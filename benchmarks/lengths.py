@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_flash
+from benchmarks.tune import no_gpu, random_inputs
 from pallas_flash.timing import interleaved_rounds
 
 
@@ -63,15 +64,11 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--out", help="write the medians here as JSON")
     args = parser.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("needs a GPU: benchmarks.lengths times compiled kernels; nothing to do on "
-              f"{jax.default_backend()}")
+    if no_gpu("lengths"):
         return 0
 
     B, T, N, H = (int(x) for x in args.shape.split(","))
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, d_out = (jax.random.normal(key, (B, T, N, H), jnp.float32).astype(jnp.bfloat16)
-                      for key in keys)
+    q, k, v, d_out = random_inputs(B, T, N, H)
     lengths = jnp.asarray(row_lengths(B, T, args.min_fraction))
     device = jax.devices()[0].device_kind
     results = dict(shape=[B, T, N, H], lengths=[int(x) for x in lengths], device=device, rows=[])

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_flash
+from benchmarks.tune import no_gpu, random_inputs
 from pallas_flash.timing import median_seconds
 
 
@@ -46,15 +47,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        print("needs a GPU: benchmarks.segments times compiled kernels; nothing to do on "
-              f"{jax.default_backend()}")
+    if no_gpu("segments"):
         return 0
 
     B, T, N, H = (int(x) for x in args.shape.split(","))
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, d_out = (jax.random.normal(key, (B, T, N, H), jnp.float32).astype(jnp.bfloat16)
-                      for key in keys)
+    q, k, v, d_out = random_inputs(B, T, N, H)
     ids = jnp.asarray(packed_segment_ids(np.random.default_rng(0), B, T, args.docs))
     causal = np.tril(np.ones((T, T), bool))
     mask = jnp.asarray((np.asarray(ids)[:, :, None] == np.asarray(ids)[:, None, :]) & causal)[:, None]
@@ -70,12 +67,12 @@ def main(argv=None) -> int:
         "causal, full row (pallas_flash triton)": lambda q, k, v, ids, mask: pallas_flash.dot_product_attention(
             q, k, v, is_causal=True, implementation="triton"),
     }
+    timed = lambda f, *xs: median_seconds(f, xs, rounds=args.rounds, calls=args.calls)
     rows = []
     for name, fn in variants.items():
         loss = lambda q, k, v, ids, mask, d_out, fn=fn: jnp.sum(
             fn(q, k, v, ids, mask).astype(jnp.float32) * d_out.astype(jnp.float32))
         fwdbwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        timed = lambda f, *xs: median_seconds(f, xs, rounds=args.rounds, calls=args.calls)
         try:
             t_fwd = timed(jax.jit(fn), q, k, v, ids, mask)
             t_bwd = timed(fwdbwd, q, k, v, ids, mask, d_out)

@@ -35,6 +35,21 @@ def attention_flops(B, T, S, N, H, causal, passes) -> float:
     return flops * (3.5 if passes == "fwdbwd" else 1.0)
 
 
+def random_inputs(B, T, N, H, dtype=jnp.bfloat16):
+    """``q, k, v`` and a cotangent, ``[B, T, N, H]`` standard normals (float32 draws from key 0) in
+    ``dtype``: the same inputs in every benchmark that times one shape."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    return tuple(jax.random.normal(key, (B, T, N, H), jnp.float32).astype(dtype) for key in keys)
+
+
+def no_gpu(module: str) -> bool:
+    """True, after saying so, where there is no GPU to time ``benchmarks.<module>`` on."""
+    if jax.default_backend() == "gpu":
+        return False
+    print(f"needs a GPU: benchmarks.{module} times compiled kernels; nothing to do on {jax.default_backend()}")
+    return True
+
+
 def make_fns(attn):
     fwd = jax.jit(attn)
 
@@ -97,8 +112,7 @@ def main(argv=None):
 
     B, S, N, H = map(int, args.shape.split(","))
     dtype = jnp.dtype(args.dtype)
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, d_out = (jax.random.normal(key, (B, S, N, H), jnp.float32).astype(dtype) for key in keys)
+    q, k, v, d_out = random_inputs(B, S, N, H, dtype)
     causal_values = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     passes = args.passes.split(",")
     if args.impl == "mosaic":
