@@ -41,13 +41,12 @@ def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[
                                                         (2, 3), (False, True))
            if not (o and bq > 64) and (n == 2 or (o and head_dim <= 64)) and (o or not st)]
     tiles = ((64, 64, 64, 64), (128, 64, 64, 128), (64, 64, 64, 128), (128, 64, 64, 64))
-    # The split backward (head dims above 128) has no staggered start and loads delta one way only,
-    # so trying both would time the same kernels four times over.
-    schedules = ([(False, False)] if splits_backward(head_dim) else
-                 list(itertools.product((False, True), (False, True))))
+    # The split backward (head dims above 128) has no staggered start, so trying both would time the
+    # same kernels twice over.
+    staggers = (False,) if splits_backward(head_dim) else (False, True)
     bwd = [base.replace(block_q_dkv=a, block_kv_dkv=b, block_q_dq=c, block_kv_dq=d, num_stages_bwd=s,
-                        stagger_bwd=st, delta_early=de)
-           for (a, b, c, d), s, (st, de) in itertools.product(tiles, (2, 3), schedules)]
+                        stagger_bwd=st, delta_in_acc=da)
+           for (a, b, c, d), s, st, da in itertools.product(tiles, (2, 3), staggers, (False, True))]
     fits = lambda c, kernels: all(c.smem_bytes(head_dim)[k] <= MOSAIC_SMEM_LIMIT for k in kernels)
     return [c for c in fwd if fits(c, ("forward",))], [c for c in bwd if fits(c, ("dkv", "dq"))]
 

@@ -186,9 +186,11 @@ class MosaicConfig:
     64-row slabs (``block_q_dkv`` a multiple of 128, or ``H`` of 128: `dq_split`). Off by default:
     as built it measured slower than the two kernels (NOTES.md, session 4).
 
-    ``delta_early`` makes the dK/dV kernel load a step's ``delta`` row vector while dP^T is still
-    on the tensor cores, right after P^T, instead of after dP^T's wait: its latency hides, but the
-    vector is live for longer. It measured faster only for long causal head-dim-128 runs.
+    ``delta_in_acc`` starts dP's accumulator (dP^T's in the dK/dV kernel) at ``-delta`` instead of
+    zero, so the tensor cores hand back ``dP - delta`` and dS is one multiply by P: the dK/dV kernel
+    loads a step's delta row vector before issuing dP^T, where its latency hides behind S^T, instead
+    of after dP^T's wait, on the path to dK. The split dK/dV kernel above head dim 128 subtracts as
+    before (only its dQ kernel follows the switch).
 
     ``stale_max`` (with ``overlap_softmax``) drops the forward's per-tile row max: a tile's P is taken
     relative to the running max of the earlier tiles, and only a warp one of whose rows sums past
@@ -216,8 +218,8 @@ class MosaicConfig:
     fuse_dq: bool = False
     stagger_bwd: bool = False
     forward_consumers: int = 2
-    delta_early: bool = False
     stale_max: bool = False
+    delta_in_acc: bool = False
 
     def __post_init__(self):
         _plain_fields(self, self._check)
@@ -292,10 +294,6 @@ def splits_backward(head_dim: int) -> bool:
 MOSAIC_SMEM_LIMIT = 220 * 1024
 
 
-# Query rows from which the head-dim-128 causal backward loads delta early (`default_mosaic_config`).
-LONG_CAUSAL_ROWS = 16384
-
-
 def v_granule(rows: int) -> int:
     """Keys in one swizzle tile of a ``rows``-key V tile (16-bit elements, as the Mosaic kernels
     take): Mosaic GPU contracts P V over whole swizzle tiles, so V takes the widest swizzle whose
@@ -309,8 +307,7 @@ def v_granule(rows: int) -> int:
 
 def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None) -> MosaicConfig:
     """Per-head-dim defaults, from the H100 sweeps in NOTES.md; ``q_len`` (the query length, when
-    known) picks the forward's consumers at head dim 64 (two below 4096 rows, three from there) and,
-    causal at head dim 128, `MosaicConfig.delta_early` (from ``LONG_CAUSAL_ROWS``)."""
+    known) picks the forward's consumers at head dim 64 (two below 4096 rows, three from there)."""
     hp = _round_up(head_dim, 64)
     # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
     # cannot hide one's softmax behind the other's products: three 64-row consumers with the
@@ -330,15 +327,14 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
                                 stale_max=not is_causal, **backward)
         return MosaicConfig(block_q=64 if is_causal else 128, block_kv=128, num_stages=2, **backward)
     if hp <= 128:
-        # The early delta load measured +1.7 to +5.1% fwd+bwd at 1x16384x16x128 causal (three runs),
-        # but -1.7% at 2x8192x16x128 causal, -2.7% and +0.8% at 4x4096x16x128 causal and -0.1 to
-        # -1.8% non-causal (NOTES.md, session 9): on for long causal runs only.
-        long_causal = is_causal and q_len is not None and q_len >= LONG_CAUSAL_ROWS
+        # dP's accumulator started at -delta: fwd+bwd +1 to +7% non-causal at 4k and 16k and +3 to +6%
+        # causal at 4k; causal at 16k -0.3 and +1.6% against session 9's early delta load, which it
+        # replaces. At head dim 64 -2 to +2% and at 256 -1 to -5%, so off there (NOTES.md, session 23).
         # The stale maximum (128-key tiles, which beat 176-key ones with it): forward +3 to +5%
         # non-causal at 4k and 16k (NOTES.md, session 17), +5 to +8% causal with the fix-up launch
         # (session 18; an in-kernel exact second pass had cost the causal gain).
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
-                            stale_max=True, delta_early=long_causal)
+                            stale_max=True, delta_in_acc=True)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring. The stale
     # maximum: forward +4 to +12% non-causal at 4k and 16k, causal +4 to +6% at 4k and -1 to +1% at
     # 16k (NOTES.md, session 18).

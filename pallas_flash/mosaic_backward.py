@@ -12,7 +12,9 @@ gradients are bitwise deterministic:
 
 All four products per tile run on ``wgmma``: ``S^T = K Q^T`` and ``dP^T = V dO^T`` from shared
 memory, ``dV += P^T dO`` and ``dK += dS^T Q`` with P and dS straight from registers. Both kernels
-form P while dP's product is still in flight (`mosaic_forward.mma_first`).
+form P while dP's product is still in flight (`mosaic_forward.mma_first`), and at head dim 128 start
+dP's accumulator at ``-delta`` (`MosaicConfig.delta_in_acc`), so ``dS = P (dP - delta)`` is one
+multiply once dP lands.
 
 Head dims above 128 ("split"): two 64 x 256 float32 accumulators would need 256 registers per
 thread, and two consumers' resident tiles next to a two-slot ring would overflow shared memory, so
@@ -259,11 +261,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                     # keys past a batch row's length must not: their dK and dV rows come out zero).
                     pt = jnp.where(_visible(shape, row_offset=k0, col_offset=t(s) * block_q, causal=causal,
                                             key_len=kv_len, keys_on_rows=True), pt, 0.0)
-                # `MosaicConfig.delta_early`: delta's load then waits with dP^T, not after it.
-                return pt, (load_delta() if dk and cfg.delta_early else None)
+                return pt
 
             dpt_smem = (v_smem, do_smem.at[slot].transpose((1, 0)), shape) if dk else None
-            delta = None
             if takes_pt:
                 # The dV consumer's P^T of this slot, waited for while dP^T is on the tensor cores.
                 # Its slot is free again once this consumer has released the ring slot: the dV
@@ -271,6 +271,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 delta = load_delta()
                 (dpt,) = mma(dpt_smem, then=lambda: plgpu.barrier_wait(pt_ready.at[slot]))
                 pt = plgpu.load(pt_smem.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                dpt = dpt - lax.broadcast_in_dim(delta, shape, [1])
             elif dk:
                 # S^T and dP^T go to the tensor cores back to back and P^T's exponentials run while
                 # dP^T is still in flight (+0.3 to 3.3% fwd+bwd, and no spills in the causal kernel
@@ -278,18 +279,21 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 # together. lse is loaded while S^T is in flight: the profile had ~11% of the
                 # consumers' stall samples on the FFMA waiting for that load after the wait (head
                 # dim 128 fwd+bwd +0.2 to +2.1% in two runs at four shapes, head dim 64 unchanged:
-                # NOTES.md, session 9).
-                (pt, delta), dpt = mma_first(statics, st_smem, dpt_smem, then=probabilities, early=load_lse)
+                # NOTES.md, session 9). `MosaicConfig.delta_in_acc`: dP^T accumulates onto -delta,
+                # loaded before the products.
+                init = lax.broadcast_in_dim(-load_delta(), shape, [1]) if cfg.delta_in_acc else None
+                pt, dpt = mma_first(statics, st_smem, dpt_smem, then=probabilities, early=load_lse,
+                                    second_init=init)
+                if init is None:
+                    dpt = dpt - lax.broadcast_in_dim(load_delta(), shape, [1])
             else:
                 (st,) = mma(st_smem)
-                pt, _ = probabilities(st, load_lse())
+                pt = probabilities(st, load_lse())
             if stagger:
                 pl.when((wg == 0) & (s == 0))(lambda: plgpu.barrier_arrive(start))
             products = []
             if dk:
-                if delta is None:
-                    delta = load_delta()
-                dst = (pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))).astype(dtype)
+                dst = (pt * dpt).astype(dtype)
                 products.append((carry[0], dst, q_smem.at[slot]))
             if dv:
                 pt16 = pt.astype(dtype)
@@ -472,11 +476,13 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: 
                 return p
 
             # P's exponentials overlap dP's product, as in the dK/dV kernel.
+            init = lax.broadcast_in_dim(-delta, shape, [0]) if cfg.delta_in_acc else None
             p, dp = mma_first(statics, (q_smem, k_smem.at[slot].transpose((1, 0)), shape),
-                              (do_smem, v_smem.at[slot].transpose((1, 0)), shape), then=probabilities)
+                              (do_smem, v_smem.at[slot].transpose((1, 0)), shape), then=probabilities,
+                              second_init=init)
             if stagger:
                 pl.when((wg == 0) & (i == 0))(lambda: plgpu.barrier_arrive(start))
-            ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+            ds = p * (dp if cfg.delta_in_acc else dp - lax.broadcast_in_dim(delta, shape, [0]))
             (dq,) = mma_into(statics, (dq, ds.astype(dtype), k_smem.at[slot]))
             plgpu.barrier_arrive(consumed.at[slot])
             return dq

@@ -225,15 +225,29 @@ def mma(*products, then=None):
     return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _, _, shape in products))
 
 
-def mma_first(statics: MosaicStatics, first, second, *, then, early=None):
+def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second_init=None):
     """Two ``(a_ref, b_ref, shape)`` products, both operands in shared memory, issued back to back;
     the first is waited for alone and handed to ``then`` while the second is still on the tensor
     cores (FlashAttention-3 section 3.2's overlap, inside one tile). Returns ``(then(first), second)``,
     or ``(then(first, early()), second)`` with ``early()`` run before the first wait (a shared-memory
-    load whose latency then hides behind the products)."""
+    load whose latency then hides behind the products). With ``second_init`` (float32, WGMMA layout)
+    the second product accumulates onto it instead of zeros, and ``then`` must return one array
+    shaped like the first product."""
     if statics.interpret:
         a, b = mma(first, second)
+        b = b if second_init is None else b + second_init
         return (then(a) if early is None else then(a, early())), b
+    if second_init is not None:
+        def issue_onto(refs):
+            a_ref, b_ref, out_ref = refs
+            plgpu.wgmma(a_ref, first[0], first[1])
+            plgpu.wgmma(b_ref, second[0], second[1])
+            extra = () if early is None else (early(),)
+            out_ref[...] = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1), *extra)
+
+        zeros = plgpu.layout_cast(jnp.zeros(first[2], jnp.float32), plgpu.Layout.WGMMA)
+        _, b, out = pl.run_state(issue_onto)((plgpu.ACC.init(zeros), plgpu.ACC.init(second_init), zeros))
+        return out, b
 
     def issue(a_ref, b_ref):
         plgpu.wgmma(a_ref, first[0], first[1])

@@ -77,12 +77,12 @@ def test_matches_reference(rng, name):
     # with three consumers at head dim 64 and below, where the backward's consumers are staggered.
     # Every case at 64 leaves the last CTA's third consumer (or two) without rows. (Shorter, head
     # dim 64 keeps the ping-pong pair: the race and determinism tests below run it.) Wider heads
-    # load delta early, as long causal runs at head dim 128 do (the three-slot test keeps it off).
+    # start dP at -delta, as head dim 128 does by default (the three-slot test keeps it off).
     # They run with the stale maximum (on by default wherever the forward overlaps, except causal at
     # head dim 64; the three-slot and 176-key tests run without it).
     narrow = CASES[name]["H"] <= 64
     config = SMALL.replace(overlap_softmax=True, forward_consumers=3 if narrow else 2, stagger_bwd=narrow,
-                           delta_early=not narrow, stale_max=True)
+                           delta_in_acc=not narrow, stale_max=True)
     check_case(rng, **CASES[name], config=config, implementation="mosaic")
 
 
@@ -416,19 +416,19 @@ def test_gpu_wide_kv_tiles_against_reference(rng, S, first_keys):
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_gpu_backward_schedules_agree_bitwise(rng, H, is_causal):
-    """Staggered consumers and the early delta load change when the backward's work runs, not its
-    arithmetic: the gradients equal the plain schedule's bit for bit (ragged, GQA)."""
+    """Staggered consumers change when the backward's work runs, not its arithmetic: the gradients
+    equal the plain schedule's bit for bit (ragged, GQA), with dP started at zero or at -delta."""
     q, k, v, d_out = random_inputs(rng, B=2, T=1000, S=1000 + 200 * (not is_causal), N=4, K=2, H=H, dtype=BF16)
-    plain = pallas_flash.default_mosaic_config(head_dim=H).replace(stagger_bwd=False, delta_early=False)
+    plain = pallas_flash.default_mosaic_config(head_dim=H).replace(stagger_bwd=False)
 
     def grads(config):
         loss = lambda q, k, v: jnp.sum((pallas_flash.dot_product_attention(
             q, k, v, is_causal=is_causal, implementation="mosaic", config=config) * d_out).astype(F32))
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    want = grads(plain)
-    for changes in ({"stagger_bwd": True}, {"delta_early": True}, {"stagger_bwd": True, "delta_early": True}):
-        assert_bitwise_equal(grads(plain.replace(**changes)), want, what=str(changes))
+    for delta_in_acc in (False, True):
+        config = plain.replace(delta_in_acc=delta_in_acc)
+        assert_bitwise_equal(grads(config.replace(stagger_bwd=True)), grads(config), what=f"{delta_in_acc=}")
 
 
 @pytest.mark.gpu
@@ -523,9 +523,9 @@ def test_autotune_candidates_fit_and_cover_the_schedules(H):
     # The stale maximum both ways, and only where the forward overlaps (elsewhere it is ignored).
     assert {c.stale_max for c in fwd if c.overlap_softmax} == {False, True}
     assert not any(c.stale_max for c in fwd if not c.overlap_softmax)
-    # The split backward above head dim 128 ignores both schedule switches: no duplicate timings.
-    for field in ("stagger_bwd", "delta_early"):
-        assert {getattr(c, field) for c in bwd} == ({False} if H > 128 else {False, True}), field
+    # The split backward above head dim 128 ignores the staggered start: no duplicate timings.
+    assert {c.stagger_bwd for c in bwd} == ({False} if H > 128 else {False, True})
+    assert {c.delta_in_acc for c in bwd} == {False, True}
 
 
 @pytest.mark.gpu
