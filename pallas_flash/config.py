@@ -329,7 +329,7 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
     if hp <= 128:
         # dP's accumulator started at -delta: fwd+bwd +1 to +7% non-causal at 4k and 16k and +3 to +6%
         # causal at 4k; causal at 16k -0.3 and +1.6% against session 9's early delta load, which it
-        # replaces. At head dim 64 -2 to +2% and at 256 -1 to -5%, so off there (NOTES.md, session 23).
+        # replaces. At head dim 64 -2 to +1% and at 256 -1 to -5%, so off there (NOTES.md, session 23).
         # The stale maximum (128-key tiles, which beat 176-key ones with it): forward +3 to +5%
         # non-causal at 4k and 16k (NOTES.md, session 17), +5 to +8% causal with the fix-up launch
         # (session 18; an in-kernel exact second pass had cost the causal gain).
