@@ -128,15 +128,41 @@ def test_every_benchmark_module_imports(module):
 
 
 def test_interleaved_rounds_alternates_cases():
-    """Round r of every case runs before round r + 1 of any, each with its own call count."""
+    """Round r of every case runs before round r + 1 of any, each with its own call count, in the
+    round's balanced order."""
     from pallas_flash.timing import interleaved_rounds
 
     order = []
-    cases = [(lambda tag: order.append(tag), (tag,)) for tag in "ab"]
-    per_case = interleaved_rounds(cases, rounds=3, calls=[1, 2], warmup=1)
-    assert order == ["a", "b"] + ["a", "b", "b"] * 3
-    assert [len(times) for times in per_case] == [3, 3]
+    cases = [(lambda tag: order.append(tag), (tag,)) for tag in "abc"]
+    per_case = interleaved_rounds(cases, rounds=7, calls=[1, 2, 1], warmup=1)
+    assert order[:3] == ["a", "b", "c"]
+    rounds, rest = [], order[3:]
+    while rest:
+        size = 4  # one round: a and c once, b twice
+        rounds.append(rest[:size])
+        rest = rest[size:]
+    assert len(rounds) == 7 and all(sorted(r) == ["a", "b", "b", "c"] for r in rounds)
+    assert len({tuple(dict.fromkeys(r)) for r in rounds}) == 6  # every order of the design ran
+    assert [len(times) for times in per_case] == [7, 7, 7]
     assert all(t >= 0 for times in per_case for t in times)
+    assert interleaved_rounds([], rounds=3, calls=1) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_balanced_orders_balance_positions_and_predecessors(n):
+    from collections import Counter
+
+    from pallas_flash.timing import balanced_orders
+
+    orders = balanced_orders(n)
+    assert len(orders) == (2 * n if n % 2 and n > 1 else n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    positions = Counter((pos, case) for order in orders for pos, case in enumerate(order))
+    assert set(positions.values()) == {len(orders) // n}
+    pairs = Counter(pair for order in orders for pair in zip(order, order[1:]))
+    if n > 1:
+        assert set(pairs) == {(a, b) for a in range(n) for b in range(n) if a != b}
+        assert len(set(pairs.values())) == 1
 
 
 def test_tune_baselines_name_their_implementation(monkeypatch):
