@@ -28,9 +28,9 @@ def mosaic_candidates(head_dim: int, base: MosaicConfig | None = None) -> tuple[
     """(forward candidates, backward candidates) around ``base``: the forward varies the query rows
     per consumer, the K/V tile, the ring depth, the softmax schedule, the stale maximum (with the
     overlapped schedule) and (head dim 64) the number of consumers; the backward the tiles of both
-    kernels, its ring depth, whether its consumers start staggered and whether the dK/dV kernel
-    loads delta early (where the backward is not split, `config.splits_backward`). Configs over the
-    shared-memory budget are left out."""
+    kernels, its ring depth, whether its consumers start staggered (where the backward is not
+    split, `config.splits_backward`) and whether dP accumulates onto -delta
+    (`MosaicConfig.delta_in_acc`). Configs over the shared-memory budget are left out."""
     base = base or default_mosaic_config(head_dim=head_dim)
     # The overlapped softmax holds a second score tile: with 128-row consumers it cannot fit. Three
     # consumers need it (`MosaicConfig`), and their 160 registers hold its tiles at head dim 64 only.
