@@ -21,9 +21,10 @@ Method:
     calls: the calls are dispatched asynchronously and only the last is waited on, so host dispatch
     overlaps device work and does not count. Slow cases get fewer calls per round
     (``--max-case-seconds``); the JSON records what was used. The rounds of all implementations
-    of one (shape, causal, pass) are interleaved, round r of each before round r + 1 of any: the
-    card clocks down within seconds of sustained attention, so timing them one after another
-    favoured whichever ran first.
+    of one (shape, causal, pass) are interleaved, round r of each before round r + 1 of any, in
+    orders that put each in every position and after every other equally often: the card clocks
+    down within seconds of sustained attention, so timing them one after another favoured
+    whichever ran first, and a fixed order favours whichever follows the coolest.
   * TFLOP/s counts matmul FLOPs only: forward 4*B*N*T*S*H, halved when causal; forward+backward is
     3.5x the forward (the backward is 2.5x).
   * Memory is the compiled executable's temp + output bytes (``memory_analysis()``), a per-function
