@@ -47,10 +47,10 @@ def interleaved_rounds(cases, *, rounds: int, calls, warmup: int = 0) -> list[li
     any; ``calls`` is one count or one per case. Timed one after another, the first case would get
     the coolest, fastest card: the H100 clocks down within seconds of sustained attention (NOTES.md).
     A case also runs at the clock its predecessor leaves: two builds of one kernel timed in a fixed
-    order (cuDNN, ours, ours) differed by 0.2 to 0.8% non-causal and 2% causal, the one right after
-    cuDNN faster in all seven processes (NOTES.md, session 24). So round r takes the order
-    `balanced_orders` gives it; a multiple of that many rounds balances positions and predecessors
-    exactly.
+    order (cuDNN, ours, ours) differed by 0.2 to 0.8% non-causal and 1.9 to 2.4% causal, the one
+    right after cuDNN faster in all seven processes (NOTES.md, session 24). So round r takes the
+    order `balanced_orders` gives it; a multiple of that many rounds balances positions and
+    predecessors exactly.
     """
     calls = list(calls) if isinstance(calls, (list, tuple)) else [calls] * len(cases)
     for (fn, args) in cases:

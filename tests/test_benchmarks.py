@@ -135,13 +135,9 @@ def test_interleaved_rounds_alternates_cases():
     order = []
     cases = [(lambda tag: order.append(tag), (tag,)) for tag in "abc"]
     per_case = interleaved_rounds(cases, rounds=7, calls=[1, 2, 1], warmup=1)
-    assert order[:3] == ["a", "b", "c"]
-    rounds, rest = [], order[3:]
-    while rest:
-        size = 4  # one round: a and c once, b twice
-        rounds.append(rest[:size])
-        rest = rest[size:]
-    assert len(rounds) == 7 and all(sorted(r) == ["a", "b", "b", "c"] for r in rounds)
+    assert order[:3] == ["a", "b", "c"] and len(order) == 3 + 7 * 4  # a round: a and c once, b twice
+    rounds = [order[3 + 4 * r:7 + 4 * r] for r in range(7)]
+    assert all(sorted(r) == ["a", "b", "b", "c"] for r in rounds)
     assert len({tuple(dict.fromkeys(r)) for r in rounds}) == 6  # every order of the design ran
     assert [len(times) for times in per_case] == [7, 7, 7]
     assert all(t >= 0 for times in per_case for t in times)
