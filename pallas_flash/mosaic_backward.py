@@ -281,11 +281,8 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 # dim 128 fwd+bwd +0.2 to +2.1% in two runs at four shapes, head dim 64 unchanged:
                 # NOTES.md, session 9). `MosaicConfig.delta_in_acc`: dP^T accumulates onto -delta,
                 # loaded before the products.
-                init = lax.broadcast_in_dim(-load_delta(), shape, [1]) if cfg.delta_in_acc else None
                 pt, dpt = mma_first(statics, st_smem, dpt_smem, then=probabilities, early=load_lse,
-                                    second_init=init)
-                if init is None:
-                    dpt = dpt - lax.broadcast_in_dim(load_delta(), shape, [1])
+                                    second_minus=(load_delta, 1), minus_in_acc=cfg.delta_in_acc)
             else:
                 (st,) = mma(st_smem)
                 pt = probabilities(st, load_lse())
@@ -476,13 +473,12 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics: 
                 return p
 
             # P's exponentials overlap dP's product, as in the dK/dV kernel.
-            init = lax.broadcast_in_dim(-delta, shape, [0]) if cfg.delta_in_acc else None
             p, dp = mma_first(statics, (q_smem, k_smem.at[slot].transpose((1, 0)), shape),
                               (do_smem, v_smem.at[slot].transpose((1, 0)), shape), then=probabilities,
-                              second_init=init)
+                              second_minus=(lambda: delta, 0), minus_in_acc=cfg.delta_in_acc)
             if stagger:
                 pl.when((wg == 0) & (i == 0))(lambda: plgpu.barrier_arrive(start))
-            ds = p * (dp if cfg.delta_in_acc else dp - lax.broadcast_in_dim(delta, shape, [0]))
+            ds = p * dp
             (dq,) = mma_into(statics, (dq, ds.astype(dtype), k_smem.at[slot]))
             plgpu.barrier_arrive(consumed.at[slot])
             return dq

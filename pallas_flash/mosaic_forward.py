@@ -225,19 +225,29 @@ def mma(*products, then=None):
     return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _, _, shape in products))
 
 
-def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second_init=None):
+def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second_minus=None, minus_in_acc=False):
     """Two ``(a_ref, b_ref, shape)`` products, both operands in shared memory, issued back to back;
     the first is waited for alone and handed to ``then`` while the second is still on the tensor
     cores (FlashAttention-3 section 3.2's overlap, inside one tile). Returns ``(then(first), second)``,
     or ``(then(first, early()), second)`` with ``early()`` run before the first wait (a shared-memory
-    load whose latency then hides behind the products). With ``second_init`` (float32, WGMMA layout)
-    the second product accumulates onto it instead of zeros, and ``then`` must return one array
-    shaped like the first product."""
+    load whose latency then hides behind the products).
+
+    ``second_minus = (load, dim)`` subtracts the float32 vector ``load()``, laid along dimension
+    ``dim`` of the second product, from it (FlashAttention-2's ``dP - delta``). By default ``load``
+    runs once the second product has landed. With ``minus_in_acc`` the second accumulator starts at
+    ``-load()`` instead of zeros (`MosaicConfig.delta_in_acc`): the load runs before the products are
+    issued, its latency hidden behind them, and the tensor cores do the subtraction. ``then`` must
+    then return one array shaped like the first product."""
+    if second_minus is not None:
+        load, dim = second_minus
+        minus = lambda: lax.broadcast_in_dim(load(), second[2], [dim])
     if statics.interpret:
         a, b = mma(first, second)
-        b = b if second_init is None else b + second_init
+        b = b if second_minus is None else b - minus()  # x + (-y) rounds as x - y
         return (then(a) if early is None else then(a, early())), b
-    if second_init is not None:
+    if second_minus is not None and minus_in_acc:
+        init = lax.broadcast_in_dim(-load(), second[2], [dim])
+
         def issue_onto(refs):
             a_ref, b_ref, out_ref = refs
             plgpu.wgmma(a_ref, first[0], first[1])
@@ -246,7 +256,7 @@ def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second
             out_ref[...] = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1), *extra)
 
         zeros = plgpu.layout_cast(jnp.zeros(first[2], jnp.float32), plgpu.Layout.WGMMA)
-        _, b, out = pl.run_state(issue_onto)((plgpu.ACC.init(zeros), plgpu.ACC.init(second_init), zeros))
+        _, b, out = pl.run_state(issue_onto)((plgpu.ACC.init(zeros), plgpu.ACC.init(init), zeros))
         return out, b
 
     def issue(a_ref, b_ref):
@@ -256,7 +266,8 @@ def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second
         out = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1), *extra)  # the older group only
         return out, b_ref[...]
 
-    return pl.run_scoped(issue, plgpu.ACC(first[2], jnp.float32), plgpu.ACC(second[2], jnp.float32))
+    out, b = pl.run_scoped(issue, plgpu.ACC(first[2], jnp.float32), plgpu.ACC(second[2], jnp.float32))
+    return out, (b if second_minus is None else b - minus())
 
 
 def short_first_tile(statics: MosaicStatics) -> int:
