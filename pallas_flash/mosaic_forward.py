@@ -240,13 +240,13 @@ def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second
     then return one array shaped like the first product."""
     if second_minus is not None:
         load, dim = second_minus
-        minus = lambda: lax.broadcast_in_dim(load(), second[2], [dim])
+        spread = lambda vector: lax.broadcast_in_dim(vector, second[2], [dim])
     if statics.interpret:
         a, b = mma(first, second)
-        b = b if second_minus is None else b - minus()  # x + (-y) rounds as x - y
+        b = b if second_minus is None else b - spread(load())  # x + (-y) rounds as x - y
         return (then(a) if early is None else then(a, early())), b
     if second_minus is not None and minus_in_acc:
-        init = lax.broadcast_in_dim(-load(), second[2], [dim])
+        init = spread(-load())
 
         def issue_onto(refs):
             a_ref, b_ref, out_ref = refs
@@ -267,7 +267,7 @@ def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second
         return out, b_ref[...]
 
     out, b = pl.run_scoped(issue, plgpu.ACC(first[2], jnp.float32), plgpu.ACC(second[2], jnp.float32))
-    return out, (b if second_minus is None else b - minus())
+    return out, (b if second_minus is None else b - spread(load()))
 
 
 def short_first_tile(statics: MosaicStatics) -> int:
