@@ -229,7 +229,7 @@ def test_backward_parts_swap_out_one_kernel_each(rng):
     float32 reference."""
     from benchmarks import backward_parts
 
-    T, N, H = 130, 2, 64
+    T, N, H = 130, 1, 64
     q, k, v, d_out = random_inputs(rng, B=1, T=T, S=T, N=N, K=N, H=H, dtype=BF16)
     statics = MosaicStatics(config=SMALL, scale=H ** -0.5, is_causal=True, q_len=T, kv_len=T, head_dim=H,
                             groups=1, interpret=jax.default_backend() != "gpu")
@@ -266,7 +266,7 @@ def test_fused_dq_matches_reference(rng, H, block_q_dkv, is_causal):
     consumers by columns (head dim 128) and by rows (128-row query tiles); two K/V CTAs, GQA,
     ragged lengths, a random cotangent. In interpret mode each CTA writes its fixed-point partials
     to its own slice (the interpreter has no TMA reductions); the GPU test covers the reduce-adds."""
-    q, k, v, d_out = random_inputs(rng, B=1, T=130, S=200, N=4, K=2, H=H, dtype=BF16)
+    q, k, v, d_out = random_inputs(rng, B=1, T=130, S=200, N=2, K=1, H=H, dtype=BF16)
     config = SMALL.replace(block_q_dkv=block_q_dkv, fuse_dq=True)
     kernel = lambda q, k, v: pallas_flash.dot_product_attention(q, k, v, is_causal=is_causal,
                                                                 implementation="mosaic", config=config)
