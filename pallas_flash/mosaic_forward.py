@@ -245,26 +245,26 @@ def mma_first(statics: MosaicStatics, first, second, *, then, early=None, second
         a, b = mma(first, second)
         b = b if second_minus is None else b - spread(load())  # x + (-y) rounds as x - y
         return (then(a) if early is None else then(a, early())), b
+
+    def issue_both(a_ref, b_ref):
+        plgpu.wgmma(a_ref, first[0], first[1])
+        plgpu.wgmma(b_ref, second[0], second[1])
+        extra = () if early is None else (early(),)
+        return then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1), *extra)  # the older group only
+
     if second_minus is not None and minus_in_acc:
         init = spread(-load())
 
         def issue_onto(refs):
             a_ref, b_ref, out_ref = refs
-            plgpu.wgmma(a_ref, first[0], first[1])
-            plgpu.wgmma(b_ref, second[0], second[1])
-            extra = () if early is None else (early(),)
-            out_ref[...] = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1), *extra)
+            out_ref[...] = issue_both(a_ref, b_ref)
 
         zeros = plgpu.layout_cast(jnp.zeros(first[2], jnp.float32), plgpu.Layout.WGMMA)
         _, b, out = pl.run_state(issue_onto)((plgpu.ACC.init(zeros), plgpu.ACC.init(init), zeros))
         return out, b
 
     def issue(a_ref, b_ref):
-        plgpu.wgmma(a_ref, first[0], first[1])
-        plgpu.wgmma(b_ref, second[0], second[1])
-        extra = () if early is None else (early(),)
-        out = then(plgpu.wgmma_accumulator_load(a_ref, wait_n=1), *extra)  # the older group only
-        return out, b_ref[...]
+        return issue_both(a_ref, b_ref), b_ref[...]
 
     out, b = pl.run_scoped(issue, plgpu.ACC(first[2], jnp.float32), plgpu.ACC(second[2], jnp.float32))
     return out, (b if second_minus is None else b - spread(load()))
