@@ -180,11 +180,12 @@ class MosaicConfig:
 
     ``fuse_dq`` makes the dK/dV kernel also accumulate dQ (FlashAttention-2 Algorithm 2 as written,
     five products per tile pair) instead of a separate dQ kernel that recomputes ``S`` and ``dP``
-    (seven). Each CTA's partial dQ goes to HBM as fixed-point integers through a TMA reduce-add,
-    which is order-free, so the gradients stay bitwise deterministic (`mosaic_backward`). Head
-    dims up to 128, and the two consumers must be able to split a ``block_q_dkv x H`` dQ tile into
-    64-row slabs (``block_q_dkv`` a multiple of 128, or ``H`` of 128: `dq_split`). Off by default:
-    as built it measured slower than the two kernels (NOTES.md, session 4).
+    (seven). Each CTA's partial dQ goes to HBM as one fixed-point int32 per element through a TMA
+    reduce-add, which is order-free, so the gradients stay bitwise deterministic; each CTA's
+    truncation costs less than 2^-30 of a per-row bound on dQ (`mosaic_backward`). Head dims up to
+    128, and the two consumers must be able to split a ``block_q_dkv x H`` dQ tile into 64-row
+    slabs (``block_q_dkv`` a multiple of 128, or ``H`` of 128: `dq_split`). On by default only where
+    it measured faster (`default_mosaic_config`).
 
     ``delta_in_acc`` starts dP's accumulator (dP^T's in the dK/dV kernel) at ``-delta`` instead of
     zero, so the tensor cores hand back ``dP - delta`` and dS is one multiply by P: the dK/dV kernel
@@ -265,8 +266,8 @@ class MosaicConfig:
             "dq": (2 * resident * self.block_q_dq + 2 * self.num_stages_bwd * self.block_kv_dq) * hp * dtype_bytes,
         }
         if self.fuse_dq and not wide:
-            # Both consumers' dS^T tiles, and the dQ tile's two int32 words staged for the TMA.
-            sizes["dkv"] += 2 * self.block_kv_dkv * self.block_q_dkv * dtype_bytes + 2 * self.block_q_dkv * hp * 4
+            # Two buffers of both consumers' dS^T tiles, and the dQ tile's int32s staged for the TMA.
+            sizes["dkv"] += 4 * self.block_kv_dkv * self.block_q_dkv * dtype_bytes + self.block_q_dkv * hp * 4
             del sizes["dq"]
         return sizes
 
@@ -333,8 +334,12 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
         # The stale maximum (128-key tiles, which beat 176-key ones with it): forward +3 to +5%
         # non-causal at 4k and 16k (NOTES.md, session 17), +5 to +8% causal with the fix-up launch
         # (session 18; an in-kernel exact second pass had cost the causal gain).
+        # dQ fused into the dK/dV kernel (one truncated int32 per element), non-causal from 16k
+        # query rows: fwd+bwd +3.7% at 16k and +4.3% at 32k over the two kernels, at 8k -1 to +1%,
+        # at 4k -6%, causal at 16k -5% (H200; NOTES.md, session 28).
+        fuse_dq = not is_causal and q_len is not None and q_len >= 16384
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
-                            stale_max=True, delta_in_acc=True)
+                            stale_max=True, delta_in_acc=True, fuse_dq=fuse_dq)
     # Only one forward tiling of a 256-wide head fits shared memory with a two-slot ring. The stale
     # maximum: forward +4 to +12% non-causal at 4k and 16k, causal +4 to +6% at 4k and -1 to +1% at
     # 16k (NOTES.md, session 18).

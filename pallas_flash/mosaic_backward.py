@@ -34,11 +34,13 @@ to its row's query length, none when all its keys lie past the key length, and m
 a consumer whose keys straddle it; a dQ CTA visits only the key tiles up to the key length, none
 when all its rows lie past the query length. Rows that see no key get P = 0 (an lse of +inf).
 
-Opt-in (``MosaicConfig.fuse_dq``, head dims up to 128): the dK/dV kernel also forms dQ = dS K per
-step from both consumers' dS^T tiles in shared memory and adds it to HBM as fixed-point int32
-words with TMA reduce-adds, so the dQ kernel and its recomputation of S and dP go away while the
-result stays bitwise deterministic (integer addition is associative). It measured slower than
-the two kernels (register spills, reduce traffic; NOTES.md), hence off by default.
+Fused dQ (``MosaicConfig.fuse_dq``, head dims up to 128; the default for non-causal rows from 16k
+queries): the dK/dV kernel also forms dQ = dS K from both consumers' dS^T tiles in shared memory,
+one step behind its dK and dV products, and adds it to HBM with TMA reduce-adds as one int32 per
+element: fixed point, relative to a per-row power of two that bounds every partial sum
+(`_row_multipliers`). The dQ kernel and its recomputation of S and dP go away (five products per
+tile pair instead of seven), and the result stays bitwise deterministic, since integer addition is
+associative. Each K/V CTA's truncation costs less than 2^-30 of the row's bound.
 """
 
 from __future__ import annotations
@@ -73,43 +75,39 @@ def _kv_ctas(statics: MosaicStatics) -> int:
     return statics.kv_len_padded // (2 * statics.config.block_kv_dkv)
 
 
-def _lo_bits(statics: MosaicStatics) -> int:
-    """Fraction bits of the low word: each partial's is below 2^bits in magnitude, so the sum over
-    every K/V CTA stays below 2^30."""
-    return 30 - max(_kv_ctas(statics) - 1, 0).bit_length()
+# A row's dQ partial sums, times its multiplier, stay below 2^_FIXED_POINT_BITS (`_row_multipliers`):
+# every subset of the K/V CTAs' truncated partials then sums to less than int32's 2^31, the rounding
+# of the bound and of the CTAs' bf16 operands included.
+_FIXED_POINT_BITS = 30
 
 
-# A row's dQ partials, times its multiplier, stay below 2^_HI_BITS (see `_row_multipliers`), far
-# from int32's 2^31 whatever the rounding of the bound.
-_HI_BITS = 28
+def _row_multipliers(k, v, d_out, delta, groups: int):
+    """Per query row, a power of two 2^e with |dS_i K| * 2^e <= 2^_FIXED_POINT_BITS for every subset
+    of keys.
 
-
-def _row_multipliers(k, v, d_out, groups: int):
-    """Per query row, a power of two 2^e with |dS_i K| * 2^e < 2^_HI_BITS for every subset of keys.
-
-    dS_ij = P_ij (dP_ij - delta_i) with dP_ij = dO_i . V_j and delta_i = sum_j P_ij dP_ij, so
-    |dS_ij| <= 2 P_ij |dO_i| max_j |V_j| and, as sum_j P_ij <= 1, any partial sum of dS_ij K_jh is
-    at most 2 |dO_i| max_j |V_j| max |K|. Returns ``(multiplier [B, N, T] float32, finite)``: rows
-    whose bound is not finite (inf or NaN inputs) are flagged so the result can carry the NaN.
+    dS_ij = P_ij (dP_ij - delta_i) with dP_ij = dO_i . V_j, so for any subset J of keys
+    |sum_J dS_ij K_jh| <= max|K| sum_j P_ij (|dP_ij| + |delta_i|) <= max|K| (|dO_i| max_j |V_j| +
+    |delta_i|), as sum_j P_ij <= 1. ``delta`` is ``[B, N, T]``. Returns ``(multiplier [B, N, T]
+    float32, finite)``: rows whose bound is not finite (inf or NaN inputs) are flagged so the
+    result can carry the NaN.
     """
     f32 = jnp.float32
     do_norm = jnp.sqrt(jnp.sum(jnp.square(d_out.astype(f32)), axis=-1))            # [B, T, N]
     v_norm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(v.astype(f32)), axis=-1), axis=1))  # [B, K]
     k_max = jnp.max(jnp.abs(k.astype(f32)), axis=(1, 3))                                # [B, K]
-    per_head = jnp.repeat(2.0 * v_norm * k_max, groups, axis=1)                       # [B, N]
-    bound = jnp.transpose(do_norm, (0, 2, 1)) * per_head[:, :, None]
+    v_norm, k_max = (jnp.repeat(x, groups, axis=1)[:, :, None] for x in (v_norm, k_max))  # [B, N, 1]
+    bound = (jnp.transpose(do_norm, (0, 2, 1)) * v_norm + jnp.abs(delta)) * k_max
     _, exponent = jnp.frexp(bound)  # bound <= 2^exponent
-    # Clamped so 2^e stays a normal float32; bounds below 2^-72 lose bits, not correctness.
-    e = jnp.clip(_HI_BITS - exponent, -100, 100)
+    # Clamped so 2^e stays a normal float32; bounds below 2^-70 lose bits, not correctness.
+    e = jnp.clip(_FIXED_POINT_BITS - exponent, -100, 100)
     return jnp.ldexp(jnp.ones_like(bound), e), jnp.isfinite(bound)
 
 
-def _fixed_point_dq(words, multipliers, finite, *, statics: MosaicStatics, shape):
-    """dQ ``[B, T, N, H]`` from the int32 (integer part, fraction) accumulator words."""
-    value = words[0].astype(jnp.float32) + words[1].astype(jnp.float32) * 2.0 ** -_lo_bits(statics)
+def _fixed_point_dq(word, multipliers, finite, *, statics: MosaicStatics, shape):
+    """dQ ``[B, T, N, H]`` from the int32 accumulator (the sum of every CTA's truncated partials)."""
     T, H = shape[1], shape[3]
     per_row = jnp.where(finite, statics.scale / multipliers, jnp.nan)[..., :T]  # exact: powers of two
-    return (value[:, :T, :, :H] * jnp.transpose(per_row, (0, 2, 1))[..., None])
+    return word[:, :T, :, :H].astype(jnp.float32) * jnp.transpose(per_row, (0, 2, 1))[..., None]
 
 
 def _visible(shape, *, row_offset, col_offset, causal: bool, key_len, keys_on_rows: bool):
@@ -143,6 +141,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     fuse = outputs == "dkdv_dq"
     split = outputs == "split"
     refs = list(refs)
+    zero_smem = refs.pop() if fuse else None
     take = lambda present: refs.pop(0) if present else None
     lens_ref = take(statics.seq_lengths)
     mult_ref = take(fuse)
@@ -189,42 +188,34 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
         return kv_head * groups + g, first_tile + s - g * tiles
 
     def add_dq(part, mult, w: int, head, t):
-        """Consumer ``w``'s slab of this step's dQ tile (float32, relative to the row multipliers
-        ``mult``) into the accumulator as two int32 words: the integer part and the next
-        `_lo_bits` bits of the fraction. Truncation keeps ``y - hi`` exact (Sterbenz), so the
-        low word is exact up to its last bit. The interpreter has no TMA reductions: there each
-        CTA writes its own slice of a larger, zero-filled output, summed by `mosaic_backward`."""
+        """Consumer ``w``'s slab of a step's dQ tile (float32, relative to the row multipliers
+        ``mult``) into the accumulator as one int32 per element, truncated: each CTA's partial
+        loses less than one unit (2^-30 of the row's bound), and the integer sum is the same
+        whatever order the CTAs' reduce-adds land in. Truncation is one conversion; rounding to
+        nearest (`lax.round` first) cost the fused kernel 6% of its fwd+bwd rate (NOTES.md,
+        session 28). The interpreter has no TMA reductions: there each CTA writes its own slice of
+        a larger, zero-filled output, summed by `mosaic_backward`."""
         rows, cols = _dq_slab(statics, w)
         y = part * lax.broadcast_in_dim(mult, part.shape, [0])
-        hi = y.astype(jnp.int32)
-        lo = ((y - hi.astype(jnp.float32)) * float(2 ** _lo_bits(statics))).astype(jnp.int32)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's words are read
-        stage_smem.at[w, 0][...] = hi
-        stage_smem.at[w, 1][...] = lo
+        word = y.astype(jnp.int32)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's word is read
+        stage_smem.at[w][...] = word
         plgpu.commit_smem()
         where = (batch, pl.ds(t * block_q + rows.start, rows.size), head, cols)
-        for word in range(2):
-            dst = acc_ref.at[word, cta] if statics.interpret else acc_ref.at[word]
-            plgpu.copy_smem_to_gmem(stage_smem.at[w, word], dst.at[where],
-                                    reduction_op=None if statics.interpret else "add")
-
-    def dq_part(w: int):
-        """dS (block_q x all the CTA's keys) @ K, restricted to consumer ``w``'s slab, from both
-        consumers' dS^T tiles and resident K in shared memory."""
-        rows, cols = _dq_slab(statics, w)
-
-        def issue(acc):
-            for v in range(consumers):
-                plgpu.wgmma(acc, ds_smem.at[v, :, rows].transpose((1, 0)), k_smem2.at[v, :, cols])
-            return acc[...]
-
-        return pl.run_scoped(issue, plgpu.ACC((rows.size, cols.size), jnp.float32))
+        dst = acc_ref.at[cta] if statics.interpret else acc_ref
+        plgpu.copy_smem_to_gmem(stage_smem.at[w], dst.at[where], reduction_op=None if statics.interpret else "add")
 
     def consume(w, *, dk: bool, dv: bool):
         """Consumer ``w`` (a Python int in the split kernel, else the traced warpgroup index),
         accumulating dK and/or dV of its ``block_kv`` keys. In the split kernel the dV consumer
         publishes each step's P^T and the dK consumer takes it instead of forming S^T itself."""
         plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+        if fuse:
+            # A zero the compiler cannot see through, added to the resident tiles' indices every
+            # step: otherwise their wgmma descriptors are hoisted out of the loop and spilled
+            # (236/268 bytes; none with it: NOTES.md, session 26).
+            zero_smem.at[w][...] = plgpu.layout_cast(jnp.zeros((128,), jnp.int32),
+                                                     plgpu.Layout.WG_STRIDED((128,), vec_size=1))
         takes_pt = split and dk  # P^T from shared memory; no K, no S^T
         own = 0 if split else w  # which consumer's key block
         k_smem = None if takes_pt else k_smem2.at[own]
@@ -238,18 +229,26 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 plgpu.copy_gmem_to_smem(src.at[rows], dst, ready)
                 plgpu.barrier_wait(ready)
         if fuse:
-            # ds_free completes a phase once both consumers' dQ products of a step are done with
-            # both dS^T tiles; this first arrival opens the first step.
-            plgpu.barrier_arrive(ds_free)
+            # Two dS^T buffers, one step apart (`step`): buffer 0 starts free, and buffer 1 starts
+            # published, so step 0's wait for the step before passes (that dQ is never sent).
+            plgpu.barrier_arrive(ds_free.at[0])
+            plgpu.barrier_arrive(ds_ready.at[1])
 
         zeros = jnp.zeros((block_kv, statics.head_dim_padded), jnp.float32)
         accs = tuple(plgpu.layout_cast(zeros, plgpu.Layout.WGMMA) for _ in range(dk + dv))
+        if fuse:
+            rows_w, cols_w = _dq_slab(statics, w)
+            accs = (*accs, plgpu.layout_cast(jnp.zeros((rows_w.size,), jnp.float32),
+                                             plgpu.Layout.WGMMA.reduce(1)))
 
         def step(s, carry, *, t, masked: bool):
             slot = lax.rem(s, stages)
             plgpu.barrier_wait(tile_ready.at[slot])
             shape = (block_kv, block_q)
-            st_smem = (k_smem, q_smem.at[slot].transpose((1, 0)), shape)
+            zero = zero_smem[w, 0] if fuse else 0
+            k_step = None if k_smem is None else k_smem2.at[own + zero]
+            v_step = None if v_smem is None else v_smem2.at[own + zero]
+            st_smem = (k_step, q_smem.at[slot].transpose((1, 0)), shape)
 
             load_lse = lambda: plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             load_delta = lambda: plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -263,7 +262,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                                             key_len=kv_len, keys_on_rows=True), pt, 0.0)
                 return pt
 
-            dpt_smem = (v_smem, do_smem.at[slot].transpose((1, 0)), shape) if dk else None
+            dpt_smem = (v_step, do_smem.at[slot].transpose((1, 0)), shape) if dk else None
             if takes_pt:
                 # The dV consumer's P^T of this slot, waited for while dP^T is on the tensor cores.
                 # Its slot is free again once this consumer has released the ring slot: the dV
@@ -299,28 +298,55 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                     plgpu.barrier_arrive(pt_ready.at[slot])
                 products.append((carry[-1], pt16, do_smem.at[slot]))
 
-            def share_ds():
-                # While dV and dK are on the tensor cores: once the partner's dQ product of the
-                # last step is done with the dS^T tiles, publish this step's.
-                plgpu.barrier_wait(ds_free)
-                ds_smem.at[wg][...] = dst
-                plgpu.commit_smem()  # generic-proxy stores, read next by wgmma (async proxy)
-                plgpu.barrier_arrive(ds_ready)
+            if fuse:
+                # dQ one step behind (FlashAttention-2 Algorithm 2's dQ_i += dS_ij K_j): this step
+                # issues dK and dV, then the previous step's dQ from both consumers' dS^T tiles,
+                # published a step ago, so neither consumer waits for the other's current step;
+                # its own dS^T goes into the other buffer while the products run.
+                b = lax.rem(s, 2)
+                pb = 1 - b
+                head_p, tile_p = step_tile(s - 1)
 
-            carry = mma_into(statics, *products, then=share_ds if fuse else None)
-            if fuse:
-                mult_rows, _ = _dq_slab(statics, wg)
-                mult = plgpu.load(mult_smem.at[slot, mult_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                def issue(refs):
+                    dk_ref, dv_ref, dq_ref = refs
+                    plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
+                    plgpu.wgmma(dv_ref, pt16, do_smem.at[slot])
+                    plgpu.barrier_wait(ds_ready.at[pb])
+                    for v in range(consumers):
+                        plgpu.wgmma(dq_ref, ds_smem.at[pb * consumers + v + zero, :, rows_w].transpose((1, 0)),
+                                    k_smem2.at[v + zero, :, cols_w])
+                    plgpu.barrier_wait(ds_free.at[b])
+                    ds_smem.at[b * consumers + w][...] = dst
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(ds_ready.at[b])
+
+                zeros_dq = plgpu.layout_cast(jnp.zeros((rows_w.size, cols_w.size), jnp.float32), plgpu.Layout.WGMMA)
+                if statics.interpret:
+                    # The same waits, stores and arrivals in the same order, with jnp products in
+                    # place of the wgmmas.
+                    f32dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+                    dk_new = carry[0] + f32dot(dst, q_smem[slot])
+                    dv_new = carry[1] + f32dot(pt16, do_smem[slot])
+                    plgpu.barrier_wait(ds_ready.at[pb])
+                    dq_prev = zeros_dq
+                    for v in range(consumers):
+                        ds_t = ds_smem[pb * consumers + v]
+                        dq_prev = dq_prev + f32dot(ds_t[:, rows_w.start:rows_w.start + rows_w.size].T,
+                                                   k_smem2[v][:, cols_w.start:cols_w.start + cols_w.size])
+                    plgpu.barrier_wait(ds_free.at[b])
+                    ds_smem.at[b * consumers + w][...] = dst
+                    plgpu.barrier_arrive(ds_ready.at[b])
+                else:
+                    dk_new, dv_new, dq_prev = pl.run_state(issue)(
+                        (plgpu.ACC.init(carry[0]), plgpu.ACC.init(carry[1]), plgpu.ACC.init(zeros_dq)))
+                mult = plgpu.load(mult_smem.at[slot, rows_w], layout=plgpu.Layout.WGMMA.reduce(1))
+                plgpu.barrier_arrive(consumed.at[slot])
+                plgpu.barrier_arrive(ds_free.at[pb])
+                mult_prev = carry[2]
+                pl.when(s > 0)(lambda: add_dq(dq_prev, mult_prev, w, head_p, tile_p))
+                return (dk_new, dv_new, mult)
+            carry = mma_into(statics, *products)
             plgpu.barrier_arrive(consumed.at[slot])
-            if fuse:
-                plgpu.barrier_wait(ds_ready)
-                head, tile = step_tile(s)
-                for peer in range(consumers):
-                    @pl.when(wg == peer)
-                    def _dq():
-                        part = dq_part(peer)
-                        plgpu.barrier_arrive(ds_free)
-                        add_dq(part, mult, peer, head, tile)
             return carry
 
         def skip(s):
@@ -365,12 +391,36 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             pl.when((wg == 1) & (steps > 0))(lambda: plgpu.barrier_wait(start))
         accs = lax.fori_loop(0, groups, group, accs)
         if fuse:
-            # The partner's last dQ product reads this consumer's K, which dK is about to replace.
-            plgpu.barrier_wait(ds_free)
+            @pl.when(steps > 0)
+            def _last_dq():
+                # The last step's dQ, then every phase of the dS^T barriers this consumer has not
+                # yet waited for: both buffers' release, after which neither consumer's dQ product
+                # reads the resident K tiles that dK is about to replace.
+                last = steps - 1
+                pb = lax.rem(last, 2)
+                plgpu.barrier_wait(ds_ready.at[pb])
+
+                def issue_last(acc):
+                    for v in range(consumers):
+                        plgpu.wgmma(acc, ds_smem.at[pb * consumers + v, :, rows_w].transpose((1, 0)),
+                                    k_smem2.at[v, :, cols_w])
+                    return acc[...]
+
+                dq_last = pl.run_scoped(issue_last, plgpu.ACC((rows_w.size, cols_w.size), jnp.float32))
+                plgpu.barrier_arrive(ds_free.at[pb])
+                add_dq(dq_last, accs[2], w, *step_tile(last))
+                plgpu.barrier_wait(ds_free.at[pb])
+                plgpu.barrier_wait(ds_free.at[1 - pb])
+
+            @pl.when(steps == 0)
+            def _no_steps():
+                plgpu.barrier_wait(ds_free.at[0])
+                plgpu.barrier_wait(ds_ready.at[1])
         # The resident tiles are dead now and carry the results out, in order (K's tile dK, or
-        # dV where K's is the only one). dK also needs the scale's chain rule (S = scale * Q K^T);
-        # dV does not.
-        results = [accs[0] * statics.scale] * dk + [accs[-1]] * dv
+        # dV where K's is the only one; dV's accumulator follows dK's, and the fused kernel's row
+        # multipliers follow both). dK also needs the scale's chain rule (S = scale * Q K^T); dV
+        # does not.
+        results = [accs[0] * statics.scale] * dk + ([accs[int(dk)]] if dv else [])
         for tile, result in zip(resident, results):
             tile[...] = result.astype(dtype)
         plgpu.commit_smem()
@@ -381,6 +431,10 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
     if split:
         pl.when(wg == 0)(lambda: consume(0, dk=False, dv=True))
         pl.when(wg == 1)(lambda: consume(1, dk=True, dv=False))
+    elif fuse:
+        # Per consumer: its slab of the dQ tile (`_dq_slab`) is static.
+        for peer in range(consumers):
+            pl.when(wg == peer)(functools.partial(consume, peer, dk=True, dv=True))
     else:
         pl.when(wg < consumers)(lambda: consume(wg, dk=True, dv=True))
 
@@ -543,16 +597,17 @@ def mosaic_backward(q, k, v, out, lse, d_out, lengths=None, *, statics: MosaicSt
         consumers = _CONSUMERS
         block_q, block_kv = cfg.block_q_dkv, cfg.block_kv_dkv
         keys_per_cta = block_kv if split else consumers * block_kv
-        # Fused: the row multipliers' ring, both consumers' dS^T tiles, the staged int32 words.
+        # Fused: the row multipliers' ring, two buffers of both consumers' dS^T tiles, the staged
+        # int32 dQ slabs.
         fused_scratch = [
             plgpu.SMEM((stages, block_q), jnp.float32),
-            plgpu.SMEM((consumers, block_kv, block_q), q.dtype, transforms=transforms),
-            plgpu.SMEM((consumers, 2, *(s.size for s in _dq_slab(statics, 0))), jnp.int32,
+            plgpu.SMEM((2 * consumers, block_kv, block_q), q.dtype, transforms=transforms),
+            plgpu.SMEM((consumers, *(s.size for s in _dq_slab(statics, 0))), jnp.int32,
                        transforms=smem_transforms(jnp.int32)),
         ] if fuse else []
         out_type = [jax.ShapeDtypeStruct(kp.shape, k.dtype)] * 2
         if fuse and statics.interpret:
-            out_type.append(jax.ShapeDtypeStruct((2, _kv_ctas(statics), *qp.shape), jnp.int32))
+            out_type.append(jax.ShapeDtypeStruct((_kv_ctas(statics), *qp.shape), jnp.int32))
         return launch(
             functools.partial(_dkv_kernel, outputs=outputs), statics=statics,
             out_type=out_type, zero_outputs=fuse,
@@ -571,9 +626,10 @@ def mosaic_backward(q, k, v, out, lse, d_out, lengths=None, *, statics: MosaicSt
                 # session 6).
                 plgpu.Barrier(num_arrivals=4 + fuse, num_barriers=stages),
                 *([plgpu.Barrier(num_barriers=stages)] if split else []),
-                *([plgpu.Barrier(num_arrivals=consumers)] * 2 if fuse else []),
+                *([plgpu.Barrier(num_arrivals=consumers, num_barriers=2)] * 2 if fuse else []),  # dS^T ready, free
                 plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
                 plgpu.Barrier(),  # consumer 0 to 1: start (`MosaicConfig.stagger_bwd`)
+                *([plgpu.SMEM((consumers, 128), jnp.int32)] if fuse else []),  # the opaque zero
             ],
             grid=(K, Sp // keys_per_cta, B), grid_names=("heads", "kv_seq", "batch"),
             consumers=consumers, name=f"pallas_flash_mosaic_{outputs}",
@@ -587,18 +643,18 @@ def mosaic_backward(q, k, v, out, lse, d_out, lengths=None, *, statics: MosaicSt
     if not wide and cfg.fuse_dq:
         # Integer adds are associative, so the TMA reduce-adds of the CTAs' partial dQ tiles give
         # the same bits in any order: deterministic, unlike FlashAttention-3's float32 atomics.
-        multipliers, finite = _row_multipliers(k, v, d_out, statics.groups)
+        multipliers, finite = _row_multipliers(k, v, d_out, delta[..., :T], statics.groups)
         multipliers_p = jnp.pad(multipliers, pad_rows, constant_values=1.0)
         if statics.interpret:
             # The interpreter has no TMA reductions: each K/V CTA writes its own slice of a
-            # zero-filled output instead, summed here.
-            dk, dv, words = dkv("dkdv_dq", multipliers_p)
-            words = jnp.sum(words, axis=1)
+            # zero-filled output instead, summed here (int32 addition, as the TMA's).
+            dk, dv, word = dkv("dkdv_dq", multipliers_p)
+            word = jnp.sum(word, axis=0, dtype=jnp.int32)
         else:
-            words = jax.new_ref(jnp.zeros((2, *qp.shape), jnp.int32))
-            dk, dv = dkv("dkdv_dq", multipliers_p, words)
-            words = words[...]
-        dq = _fixed_point_dq(words, multipliers, finite, statics=statics, shape=q.shape)
+            word = jax.new_ref(jnp.zeros(qp.shape, jnp.int32))
+            dk, dv = dkv("dkdv_dq", multipliers_p, word)
+            word = word[...]
+        dq = _fixed_point_dq(word, multipliers, finite, statics=statics, shape=q.shape)
         return dq.astype(q.dtype), dk[:, :S, :, :H], dv[:, :S, :, :H]
     dk, dv = dkv("split" if wide else "dkdv")
 
