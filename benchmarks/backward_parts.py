@@ -10,6 +10,9 @@ the kernels share, delta and padding, which both "alone" times include). TFLOP/s
 products each part issues per tile pair: two in the forward, four in the dK/dV kernel, three in
 the dQ kernel (seven in the backward, whose "convention" rate uses FlashAttention's five); above
 head dim 128 the dK/dV kernel is the "split" one (`mosaic_backward`), with the same product counts.
+It always times the two-kernel backward: where the default fuses dQ into the dK/dV kernel
+(`MosaicConfig.fuse_dq`, non-causal from 16k rows), there is no dQ launch to swap, so it is
+turned off here.
 
 The launches are swapped by patching `mosaic_backward.launch` inside this process, so the library
 carries no switch for it. Without a GPU it runs a tiny interpret-mode case as a smoke test.
@@ -94,7 +97,8 @@ def main(argv=None):
     for shape in args.shapes:
         B, S, N, H = map(int, shape.split(","))
         for causal in {"yes": [True], "no": [False], "both": [False, True]}[args.causal]:
-            statics = MosaicStatics(config=default_mosaic_config(head_dim=H, is_causal=causal, q_len=S),
+            config = default_mosaic_config(head_dim=H, is_causal=causal, q_len=S).replace(fuse_dq=False)
+            statics = MosaicStatics(config=config,
                                     scale=H ** -0.5, is_causal=causal, q_len=S, kv_len=S, head_dim=H, groups=1,
                                     interpret=interpret)
             keys = jax.random.split(jax.random.key(0), 4)

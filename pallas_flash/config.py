@@ -335,8 +335,8 @@ def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int 
         # non-causal at 4k and 16k (NOTES.md, session 17), +5 to +8% causal with the fix-up launch
         # (session 18; an in-kernel exact second pass had cost the causal gain).
         # dQ fused into the dK/dV kernel (one truncated int32 per element), non-causal from 16k
-        # query rows: fwd+bwd +3.7% at 16k and +4.3% at 32k over the two kernels, at 8k -1 to +1%,
-        # at 4k -6%, causal at 16k -5% (H200; NOTES.md, session 28).
+        # query rows: fwd+bwd +1 to +4% at 16k and +4 to +5% at 32k over the two kernels, at 8k -1
+        # to +1%, at 4k -6%, causal -3 to -10% (H200; NOTES.md, session 28).
         fuse_dq = not is_causal and q_len is not None and q_len >= 16384
         return MosaicConfig(block_q=64, block_kv=128, num_stages=2, block_kv_dq=128, overlap_softmax=True,
                             stale_max=True, delta_in_acc=True, fuse_dq=fuse_dq)

@@ -231,9 +231,10 @@ def test_fused_dq_hand_over_has_no_races(rng, capfd):
     is staged in a tile that the previous step's TMA copy reads (dropping the wait for that read
     makes this test fail), and its dS^T tiles go into one of two buffers that both consumers read a
     step later. Six steps (three query tiles of each of two query heads per K/V head) through a
-    two-slot ring, and a ragged key block. The interpreter runs the products synchronously, so what it checks is the
-    barrier protocol, not the wgmmas' asynchronous reads. The TMA refills of the ring are let
-    through as in the split kernel's test; the gradients match the float32 reference."""
+    two-slot ring, and a ragged key block. The interpreter runs the products synchronously, so
+    what it checks is the barrier protocol, not the wgmmas' asynchronous reads. The TMA refills of
+    the ring are let through as in the split kernel's test; the gradients match the float32
+    reference."""
     from pallas_flash.mosaic_backward import mosaic_backward
 
     T, S, N, H = 160, 100, 2, 128
