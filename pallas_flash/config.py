@@ -307,8 +307,9 @@ def v_granule(rows: int) -> int:
 
 
 def default_mosaic_config(*, head_dim: int, is_causal: bool = False, q_len: int | None = None) -> MosaicConfig:
-    """Per-head-dim defaults, from the H100 sweeps in NOTES.md; ``q_len`` (the query length, when
-    known) picks the forward's consumers at head dim 64 (two below 4096 rows, three from there)."""
+    """Per-head-dim defaults, from the H100 sweeps in NOTES.md (and H200 ones from session 27 on);
+    ``q_len`` (the query length, when known) picks the forward's consumers at head dim 64 (two below
+    4096 rows, three from there) and, non-causal at head dim 128, the fused dQ from 16384 rows."""
     hp = _round_up(head_dim, 64)
     # Head dim 64's products are half as long as 128's for as many exponentials, so two consumers
     # cannot hide one's softmax behind the other's products: three 64-row consumers with the

@@ -1,7 +1,7 @@
 """FlashAttention backward for Hopper (Pallas, Mosaic GPU backend), on the forward's machinery.
 
-FlashAttention-2 (Dao 2023), Algorithm 2, as two warp-specialised kernels with no atomics, so the
-gradients are bitwise deterministic:
+FlashAttention-2 (Dao 2023), Algorithm 2, as two warp-specialised kernels with no atomics (or as
+one with integer reduce-adds: "Fused dQ" below), so the gradients are bitwise deterministic:
 
 * dK/dV: each of two consumer warpgroups keeps ``block_kv_dkv`` rows of K and V resident in shared
   memory and float32 dK/dV accumulators in registers; a producer warpgroup streams Q, dO, the
@@ -206,7 +206,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
         plgpu.copy_smem_to_gmem(stage_smem.at[w], dst.at[where], reduction_op=None if statics.interpret else "add")
 
     def consume(w, *, dk: bool, dv: bool):
-        """Consumer ``w`` (a Python int in the split kernel, else the traced warpgroup index),
+        """Consumer ``w`` (a Python int in the split and fused kernels, else the traced warpgroup index),
         accumulating dK and/or dV of its ``block_kv`` keys. In the split kernel the dV consumer
         publishes each step's P^T and the dK consumer takes it instead of forming S^T itself."""
         plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
