@@ -241,6 +241,12 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
             accs = (*accs, plgpu.layout_cast(jnp.zeros((rows_w.size,), jnp.float32),
                                              plgpu.Layout.WGMMA.reduce(1)))
 
+            def issue_dq(acc_ref, buffer, zero=0):
+                """This consumer's slab of dS K from both consumers' dS^T tiles in ``buffer``."""
+                for v in range(consumers):
+                    plgpu.wgmma(acc_ref, ds_smem.at[buffer * consumers + v + zero, :, rows_w].transpose((1, 0)),
+                                k_smem2.at[v + zero, :, cols_w])
+
         def step(s, carry, *, t, masked: bool):
             slot = lax.rem(s, stages)
             plgpu.barrier_wait(tile_ready.at[slot])
@@ -296,7 +302,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 if split:
                     pt_smem.at[slot][...] = pt16
                     plgpu.barrier_arrive(pt_ready.at[slot])
-                products.append((carry[-1], pt16, do_smem.at[slot]))
+                products.append((carry[int(dk)], pt16, do_smem.at[slot]))
 
             if fuse:
                 # dQ one step behind (FlashAttention-2 Algorithm 2's dQ_i += dS_ij K_j): this step
@@ -308,13 +314,11 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 head_p, tile_p = step_tile(s - 1)
 
                 def issue(refs):
-                    dk_ref, dv_ref, dq_ref = refs
-                    plgpu.wgmma(dk_ref, dst, q_smem.at[slot])
-                    plgpu.wgmma(dv_ref, pt16, do_smem.at[slot])
+                    *acc_refs, dq_ref = refs
+                    for acc_ref, (_, a, b_ref) in zip(acc_refs, products):
+                        plgpu.wgmma(acc_ref, a, b_ref)
                     plgpu.barrier_wait(ds_ready.at[pb])
-                    for v in range(consumers):
-                        plgpu.wgmma(dq_ref, ds_smem.at[pb * consumers + v + zero, :, rows_w].transpose((1, 0)),
-                                    k_smem2.at[v + zero, :, cols_w])
+                    issue_dq(dq_ref, pb, zero)
                     plgpu.barrier_wait(ds_free.at[b])
                     ds_smem.at[b * consumers + w][...] = dst
                     plgpu.commit_smem()
@@ -323,10 +327,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 zeros_dq = plgpu.layout_cast(jnp.zeros((rows_w.size, cols_w.size), jnp.float32), plgpu.Layout.WGMMA)
                 if statics.interpret:
                     # The same waits, stores and arrivals in the same order, with jnp products in
-                    # place of the wgmmas.
+                    # place of the wgmmas (`mma_into`'s interpreter path).
                     f32dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-                    dk_new = carry[0] + f32dot(dst, q_smem[slot])
-                    dv_new = carry[1] + f32dot(pt16, do_smem[slot])
+                    dk_new, dv_new = mma_into(statics, *products)
                     plgpu.barrier_wait(ds_ready.at[pb])
                     dq_prev = zeros_dq
                     for v in range(consumers):
@@ -401,9 +404,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, statics:
                 plgpu.barrier_wait(ds_ready.at[pb])
 
                 def issue_last(acc):
-                    for v in range(consumers):
-                        plgpu.wgmma(acc, ds_smem.at[pb * consumers + v, :, rows_w].transpose((1, 0)),
-                                    k_smem2.at[v, :, cols_w])
+                    issue_dq(acc, pb)
                     return acc[...]
 
                 dq_last = pl.run_scoped(issue_last, plgpu.ACC((rows_w.size, cols_w.size), jnp.float32))

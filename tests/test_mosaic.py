@@ -311,6 +311,17 @@ def test_fused_dq_matches_reference(rng, H, block_q_dkv, is_causal):
     assert_gradients_match(got, q, k, v, d_out, is_causal=is_causal)
 
 
+def float64_ds(q, k, v, d_out, *, scale):
+    """Exact ``(dS, delta)`` of FlashAttention-2's backward (dS = P (dP - delta)) from float64
+    ``[..., T, H]`` queries and cotangents and ``[..., S, H]`` keys and values."""
+    s = scale * q @ np.swapaxes(k, -1, -2)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = d_out @ np.swapaxes(v, -1, -2)
+    delta = np.sum(p * dp, -1, keepdims=True)
+    return p * (dp - delta), delta[..., 0]
+
+
 def test_fused_dq_fixed_point_bound_and_decoding(rng):
     """The row multipliers keep every partial sum of dS_i K within 2^30 (checked against the exact
     float64 dS of random data) and are powers of two; the int32 sum of truncated partials decodes
@@ -318,20 +329,15 @@ def test_fused_dq_fixed_point_bound_and_decoding(rng):
     from pallas_flash import mosaic_backward as mb
 
     q, k, v, d_out = random_inputs(rng, B=1, T=48, S=40, N=2, K=1, H=32, dtype=F32)
-    qd, kd, vd, dod = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
-    kd, vd = np.repeat(kd, 2, axis=2), np.repeat(vd, 2, axis=2)
-    s = np.einsum("btnh,bsnh->bnts", qd, kd) * 0.3
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    dp = np.einsum("btnh,bsnh->bnts", dod, vd)
-    delta = np.sum(p * dp, -1, keepdims=True)
-    ds = p * (dp - delta)
-    multipliers, finite = mb._row_multipliers(k, v, d_out, jnp.asarray(delta[..., 0], F32), groups=2)
+    qd, kd, vd, dod = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v, d_out))  # [B, N, ., H]
+    kd, vd = np.repeat(kd, 2, axis=1), np.repeat(vd, 2, axis=1)
+    ds, delta = float64_ds(qd, kd, vd, dod, scale=0.3)                                # [B, N, T, S], [B, N, T]
+    multipliers, finite = mb._row_multipliers(k, v, d_out, jnp.asarray(delta, F32), groups=2)
     assert bool(jnp.all(finite))
     m = np.asarray(multipliers, np.float64)                                    # [B, N, T]
     assert np.all(np.frexp(m)[0] == 0.5)
     # The worst subset of keys per (row, column): all positive or all negative terms.
-    terms = ds[..., None] * np.transpose(kd, (0, 2, 1, 3))[:, :, None]            # [B, N, T, S, H]
+    terms = ds[..., None] * kd[:, :, None]                                          # [B, N, T, S, H]
     worst = np.maximum(np.where(terms > 0, terms, 0).sum(3), -np.where(terms < 0, terms, 0).sum(3))
     assert np.all(worst.max(-1) * m <= 2.0 ** mb._FIXED_POINT_BITS)
     assert np.all(worst.max(-1) * m > 2.0 ** (mb._FIXED_POINT_BITS - 16))  # and not uselessly loose here
@@ -360,12 +366,7 @@ def test_fused_dq_one_word_error_over_128_kv_ctas(rng):
     q, k, v, d_out = random_inputs(rng, B=1, T=T, S=S, N=1, K=1, H=H, dtype=F32)
     qd, kd, vd, dod = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v, d_out))
     scale = H ** -0.5
-    s = scale * qd @ kd.T
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    dp = dod @ vd.T
-    delta = np.sum(p * dp, -1)
-    ds = p * (dp - delta[:, None])
+    ds, delta = float64_ds(qd, kd, vd, dod, scale=scale)
     exact = scale * ds @ kd
     multipliers, finite = mb._row_multipliers(k, v, d_out, jnp.asarray(delta[None, None], F32), groups=1)
     m = np.asarray(multipliers, np.float64)[0, 0, :, None]
